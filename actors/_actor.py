@@ -1,0 +1,491 @@
+"""The thread actor: one mailbox, one turn at a time, every step durable.
+
+A turn is a sequence of steps: ``input`` (apply the message), then whatever
+the behavior runs (model, tools, model, ...). Each step is committed to the
+journal before the next starts, and the caller's reply is sent only after the
+last commit. The committed cursor says which step comes next, so whoever
+activates the thread after a crash resumes the turn there.
+
+An actor holds no task while idle: a message arriving at an idle actor
+spawns a drain task (in the system's task group) that runs until the mailbox
+is empty. An idle actor is therefore just its state and a few slots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+import anyio
+import msgspec
+import structlog
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ._errors import (
+    FencedError,
+    PersistenceError,
+    SystemClosedError,
+    ThreadlineError,
+    TurnFailedError,
+)
+from ._mailbox import Mailbox
+from ._messages import AIMessage, AnyMessage
+from ._records import Recovered, TurnCursor
+from ._state import AgentState, apply_update, initial_state
+
+S = TypeVar("S", bound=AgentState)
+S_co = TypeVar("S_co", bound=AgentState, covariant=True)
+
+_log = structlog.get_logger("threadline")
+
+StreamMode = Literal["values", "updates", "custom", "messages"]
+
+
+class StreamPart(msgspec.Struct, frozen=True, kw_only=True):
+    """One event of ``ActorSystem.stream``: its ``mode`` and ``data``.
+
+    ``updates``: ``{step_kind: [update, ...]}`` after each committed step;
+    ``values``: the whole state after each committed step; ``custom``: what
+    tools and hooks wrote with their ``stream_writer``; ``messages``: model
+    output chunks (from models that stream).
+    """
+
+    mode: str
+    data: Any
+    thread_id: str
+    version: int
+
+
+class TurnResult(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
+    """The reply to ``ask``: the durable state after the turn's last step."""
+
+    thread_id: str
+    message_id: str
+    version: int
+    state: S
+    duplicate: bool = False
+    """True when the message id had already been consumed: nothing was applied."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.state[key]
+
+    @property
+    def messages(self) -> list[AnyMessage]:
+        return self.state.messages
+
+    @property
+    def text(self) -> str:
+        """The content of the last AI message ("" if there is none)."""
+        for message in reversed(self.state.messages):
+            if isinstance(message, AIMessage):
+                return message.content
+        return ""
+
+
+class ThreadSnapshot(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
+    """A thread's committed state, its version and its unfinished step, if any."""
+
+    thread_id: str
+    version: int
+    state: S
+    next: str | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.state[key]
+
+    @property
+    def values(self) -> S:
+        return self.state
+
+
+class StepOutcome(Generic[S]):
+    """What a behavior step produced: updates (normalized), the resulting state
+    and the cursor of the next step (None ends the turn)."""
+
+    __slots__ = ("kind", "next", "state", "updates")
+
+    def __init__(
+        self, kind: str, updates: list[dict[str, Any]], state: S, next: TurnCursor | None
+    ) -> None:
+        self.kind = kind
+        self.updates = updates
+        self.state = state
+        self.next = next
+
+
+Emit = Callable[[str, Any], None]
+
+
+class Behavior(Protocol[S]):
+    """What a thread does with a turn (the runtime's agent loop implements it)."""
+
+    @property
+    def state_schema(self) -> type[S]: ...
+
+    @property
+    def first_step(self) -> str: ...
+
+    async def step(self, thread_id: str, state: S, turn: TurnCursor, emit: Emit) -> StepOutcome[S]:
+        """Run the step ``turn.next`` and say what it changed; must not commit."""
+        ...
+
+
+class Journal(Protocol[S]):
+    """A thread's durable log (``threadline.persistence.ThreadJournal``)."""
+
+    version: int
+
+    async def open(self, keep_consumed: int) -> Recovered[S]: ...
+
+    async def commit(
+        self,
+        *,
+        kind: str,
+        updates: Sequence[dict[str, Any]],
+        state: S,
+        turn: TurnCursor | None,
+        consumed: str | None = None,
+        recent: Sequence[str] = (),
+        error: str | None = None,
+    ) -> None: ...
+
+    async def delete(self) -> bool: ...
+
+
+class Envelope:
+    """A message in a mailbox, with the caller's reply slot (never persisted).
+
+    ``kind`` is ``"input"`` (start a turn), ``"update"`` (apply a state update as
+    one step) or ``"delete"``.
+    """
+
+    __slots__ = ("_done", "_error", "_value", "context", "kind", "message_id", "modes", "sink", "update")
+
+    def __init__(
+        self,
+        kind: Literal["input", "update", "delete"],
+        message_id: str,
+        update: dict[str, Any] | None = None,
+        context: Any = None,
+        *,
+        sink: MemoryObjectSendStream[StreamPart] | None = None,
+        modes: frozenset[str] = frozenset(),
+    ) -> None:
+        self.kind = kind
+        self.message_id = message_id
+        self.update = update or {}
+        self.context = context
+        self.sink = sink
+        self.modes = modes
+        self._done = anyio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        if not self._done.is_set():
+            self._value = value
+            self._finish()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._done.is_set():
+            self._error = error
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done.set()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> Any:
+        await self._done.wait()
+        return self.outcome()
+
+    def outcome(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def emit(self, part: StreamPart) -> None:
+        if self.sink is not None and part.mode in self.modes:
+            try:
+                self.sink.send_nowait(part)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self.sink = None  # the consumer went away; the turn goes on
+
+
+class ThreadActor(Generic[S]):
+    """Owns one thread's state in memory; single writer of its journal."""
+
+    __slots__ = (
+        "_behavior",
+        "_current",
+        "_journal",
+        "_keep",
+        "_recent",
+        "_spawn",
+        "last_active",
+        "mailbox",
+        "ready",
+        "running",
+        "state",
+        "thread_id",
+        "turn",
+    )
+
+    def __init__(
+        self,
+        thread_id: str,
+        *,
+        behavior: Behavior[S],
+        journal: Journal[S],
+        spawn: Callable[[Callable[[], Awaitable[None]], str], None],
+        capacity: int,
+        keep_consumed: int,
+    ) -> None:
+        self.thread_id = thread_id
+        self._behavior = behavior
+        self._journal = journal
+        self._spawn = spawn
+        self._keep = keep_consumed
+        self.mailbox: Mailbox[Envelope] = Mailbox(capacity)
+        self.state: S | None = None
+        self.turn: TurnCursor | None = None
+        self.ready = False
+        self.running = False
+        self.last_active = time.monotonic()
+        self._recent: list[str] = []
+        self._current: Envelope | None = None
+
+    @property
+    def version(self) -> int:
+        return self._journal.version
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not len(self.mailbox)
+
+    # -- mailbox -----------------------------------------------------------------
+
+    def offer(self, envelope: Envelope) -> None:
+        """Enqueue or raise ``MailboxFullError``."""
+        self.mailbox.put_nowait(envelope, thread_id=self.thread_id)
+        self._kick()
+
+    async def put(self, envelope: Envelope) -> None:
+        """Enqueue, waiting for room."""
+        await self.mailbox.put(envelope, thread_id=self.thread_id)
+        self._kick()
+
+    def _kick(self) -> None:
+        self.last_active = time.monotonic()
+        if not self.running:
+            self.running = True
+            self._spawn(self._drain, f"threadline actor {self.thread_id!r}")
+
+    async def _drain(self) -> None:
+        try:
+            with structlog.contextvars.bound_contextvars(thread_id=self.thread_id):
+                while (envelope := self.mailbox.get_nowait()) is not None:
+                    self._current = envelope
+                    await self._handle(envelope)
+                    self._current = None
+        except BaseException:
+            # Cancelled (shutdown) or a bug: whatever is accepted but not
+            # answered learns it now. The durable state is consistent at the
+            # last commit, so the next activation resumes from there.
+            closed = SystemClosedError(
+                f"thread {self.thread_id!r} stopped before this message was handled "
+                "(an unfinished turn resumes when the thread is next activated)"
+            )
+            if self._current is not None:
+                self._current.fail(closed)
+                self._current = None
+            for envelope in self.mailbox.drain():
+                envelope.fail(closed)
+            self.ready = False
+            raise
+        finally:
+            self.running = False
+            self.last_active = time.monotonic()
+
+    async def _handle(self, envelope: Envelope) -> None:
+        try:
+            if not self.ready:
+                try:
+                    await self._activate()
+                except PersistenceError:
+                    # A delete must work on a thread that no longer loads (say,
+                    # a corrupt record): ownership was taken before the load.
+                    if envelope.kind != "delete" or getattr(self._journal, "epoch", 0) == 0:
+                        raise
+            if envelope.kind == "input":
+                await self._input(envelope)
+            elif envelope.kind == "update":
+                await self._update(envelope)
+            else:
+                await self._delete(envelope)
+        except ThreadlineError as exc:
+            if isinstance(exc, PersistenceError):
+                # Memory may be ahead of (or behind) the store: reload before
+                # the next message. A fenced actor re-acquires then, too.
+                self.ready = False
+                _log.warning(
+                    "thread.commit_failed", error=str(exc), fenced=isinstance(exc, FencedError)
+                )
+            envelope.fail(exc)
+        except Exception as exc:
+            self.ready = False
+            _log.exception("thread.error")
+            envelope.fail(exc)
+
+    async def _activate(self) -> None:
+        self.ready = False
+        recovered = await self._journal.open(self._keep)
+        self.state, self.turn = recovered.state, recovered.turn
+        self._recent = recovered.consumed
+        self.ready = True
+        _log.info("thread.activated", version=recovered.version, resume=self.turn is not None)
+        if self.turn is not None:
+            try:
+                await self._run_turn(self.turn, None)
+            except TurnFailedError:
+                pass  # recorded durably as an abort step and logged; nobody awaits it
+
+    # -- steps -------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        kind: str,
+        updates: list[dict[str, Any]],
+        state: S,
+        turn: TurnCursor | None,
+        envelope: Envelope | None,
+        *,
+        consumed: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        if consumed is not None:
+            self._recent.append(consumed)
+            del self._recent[: -self._keep or len(self._recent)]
+        await self._journal.commit(
+            kind=kind,
+            updates=updates,
+            state=state,
+            turn=turn,
+            consumed=consumed,
+            recent=self._recent,
+            error=error,
+        )
+        self.state, self.turn = state, turn
+        version = self._journal.version
+        _log.debug("step.committed", version=version, kind=kind)
+        if envelope is not None and envelope.sink is not None:
+            envelope.emit(
+                StreamPart(mode="updates", data={kind: updates}, thread_id=self.thread_id, version=version)
+            )
+            envelope.emit(StreamPart(mode="values", data=state, thread_id=self.thread_id, version=version))
+
+    def _result(self, envelope: Envelope, *, duplicate: bool = False) -> TurnResult[S]:
+        assert self.state is not None
+        return TurnResult(
+            thread_id=self.thread_id,
+            message_id=envelope.message_id,
+            version=self._journal.version,
+            state=self.state,
+            duplicate=duplicate,
+        )
+
+    async def _input(self, envelope: Envelope) -> None:
+        if envelope.message_id in self._recent:
+            _log.info("message.duplicate", message_id=envelope.message_id)
+            if self.state is not None:
+                envelope.resolve(self._result(envelope, duplicate=True))
+                return
+        schema = self._behavior.state_schema
+        state = (
+            initial_state(schema, envelope.update)
+            if self.state is None
+            else apply_update(self.state, envelope.update)
+        )
+        turn = TurnCursor(
+            message_id=envelope.message_id, next=self._behavior.first_step, context=envelope.context
+        )
+        await self._commit(
+            "input", [envelope.update], state, turn, envelope, consumed=envelope.message_id
+        )
+        await self._run_turn(turn, envelope)
+
+    async def _run_turn(self, turn: TurnCursor, envelope: Envelope | None) -> None:
+        cursor: TurnCursor | None = turn
+
+        def emit(mode: str, data: Any) -> None:
+            if envelope is not None:
+                envelope.emit(
+                    StreamPart(mode=mode, data=data, thread_id=self.thread_id, version=self.version)
+                )
+
+        while cursor is not None:
+            assert self.state is not None
+            try:
+                outcome = await self._behavior.step(self.thread_id, self.state, cursor, emit)
+            except Exception as exc:
+                # Record the abort so no later activation re-runs a turn that
+                # fails deterministically; the state itself stays as committed.
+                failed = TurnFailedError(
+                    f"thread {self.thread_id!r}: step {cursor.next!r} of the turn for message "
+                    f"{cursor.message_id!r} failed: {type(exc).__name__}: {exc}",
+                    thread_id=self.thread_id,
+                    step=cursor.next,
+                )
+                _log.warning("turn.failed", step=cursor.next, error=repr(exc))
+                await self._commit(
+                    "abort", [], self.state, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]
+                )
+                if envelope is not None:
+                    envelope.fail(failed)
+                raise failed from exc
+            await self._commit(outcome.kind, outcome.updates, outcome.state, outcome.next, envelope)
+            cursor = outcome.next
+        if envelope is not None:
+            envelope.resolve(self._result(envelope))
+
+    async def _update(self, envelope: Envelope) -> None:
+        schema = self._behavior.state_schema
+        state = (
+            initial_state(schema, envelope.update)
+            if self.state is None
+            else apply_update(self.state, envelope.update)
+        )
+        await self._commit("update", [envelope.update], state, self.turn, envelope)
+        envelope.resolve(
+            ThreadSnapshot(
+                thread_id=self.thread_id,
+                version=self.version,
+                state=state,
+                next=None if self.turn is None else self.turn.next,
+            )
+        )
+
+    async def _delete(self, envelope: Envelope) -> None:
+        existed = await self._journal.delete()
+        self.state, self.turn, self._recent = None, None, []
+        self.ready = False  # the tombstone bumped the epoch: re-acquire for new work
+        _log.info("thread.deleted", existed=existed)
+        envelope.resolve(existed)
+
+
+def stream_modes(mode: str | Sequence[str]) -> frozenset[str]:
+    modes = frozenset([mode] if isinstance(mode, str) else mode)
+    unknown = modes - {"values", "updates", "custom", "messages"}
+    if unknown or not modes:
+        raise ValueError(
+            f"stream mode must be among 'values', 'updates', 'custom', 'messages'; got {sorted(unknown)}"
+        )
+    return modes
+

@@ -1,0 +1,268 @@
+"""Chat messages: a msgspec tagged union, every message with a stable id."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from ._errors import InvalidMessageError
+
+REMOVE_ALL_MESSAGES: Final = "__remove_all__"
+"""``RemoveMessage(id=REMOVE_ALL_MESSAGES)`` drops every message before it."""
+
+
+def new_id() -> str:
+    """A fresh message id (uuid4, hex)."""
+    return uuid.uuid4().hex
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A tool call requested by the model."""
+
+    id: str
+    name: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        # LangChain code reads tool calls as dicts (call["name"], call["args"]).
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
+class _Content(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+    # Only ``content`` is positional, so ``ToolMessage("done", tool_call_id=...)``
+    # reads like LangChain; everything after it is keyword-only.
+    content: str = ""
+
+
+class _Message(_Content, frozen=True, kw_only=True, omit_defaults=True):
+    id: str = ""
+    name: str | None = None
+
+    @property
+    def type(self) -> str:
+        """``"system"``, ``"human"``, ``"ai"``, ``"tool"`` or ``"remove"``."""
+        return _TAGS[type(self)]
+
+    @property
+    def text(self) -> str:
+        return self.content
+
+    def pretty_repr(self) -> str:
+        title = f" {self.type.capitalize()} Message "
+        return f"{title:=^80}\n\n{self.content}"
+
+    def pretty_print(self) -> None:
+        print(self.pretty_repr())  # noqa: T201 - mirrors LangChain's helper
+
+
+class SystemMessage(_Message, frozen=True, tag="system", omit_defaults=True):
+    """Instructions for the model."""
+
+
+class HumanMessage(_Message, frozen=True, tag="human", omit_defaults=True):
+    """A message from the user."""
+
+
+class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=True):
+    """A model's answer: text and optionally tool calls."""
+
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    usage: dict[str, int] | None = None
+    response_metadata: dict[str, Any] | None = None
+
+    def pretty_repr(self) -> str:
+        out = super().pretty_repr()
+        if self.tool_calls:
+            calls = "\n".join(f"  {c.name} ({c.id})\n  Args: {c.args}" for c in self.tool_calls)
+            out += f"\nTool Calls:\n{calls}"
+        return out
+
+
+class ToolMessage(_Message, frozen=True, kw_only=True, tag="tool", omit_defaults=True):
+    """The result of one tool call."""
+
+    tool_call_id: str
+    status: Literal["success", "error"] = "success"
+
+
+class RemoveMessage(_Message, frozen=True, kw_only=True, tag="remove", omit_defaults=True):
+    """Asks the ``add_messages`` reducer to delete the message with this id."""
+
+    id: str
+
+
+AnyMessage: TypeAlias = SystemMessage | HumanMessage | AIMessage | ToolMessage
+"""A message that can live in a thread's history."""
+
+MessageLike: TypeAlias = AnyMessage | RemoveMessage
+"""What a ``messages`` update may hold."""
+
+_TAGS: Final[dict[type[Any], str]] = {
+    SystemMessage: "system",
+    HumanMessage: "human",
+    AIMessage: "ai",
+    ToolMessage: "tool",
+    RemoveMessage: "remove",
+}
+
+_ROLES: Final[dict[str, type[_Message]]] = {
+    "user": HumanMessage,
+    "human": HumanMessage,
+    "assistant": AIMessage,
+    "ai": AIMessage,
+    "system": SystemMessage,
+    "developer": SystemMessage,
+    "tool": ToolMessage,
+}
+
+
+def _openai_tool_calls(raw: Any) -> list[ToolCall]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidMessageError("'tool_calls' must be a list")
+    calls = []
+    for item in raw:
+        if isinstance(item, ToolCall):
+            calls.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise InvalidMessageError(f"a tool call must be a dict, got {type(item).__name__}")
+        fn = item.get("function")
+        if isinstance(fn, Mapping):  # OpenAI wire shape: {"id", "function": {"name", "arguments"}}
+            name, args = fn.get("name"), fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = msgspec.json.decode(args) if args else {}
+                except msgspec.DecodeError as exc:
+                    raise InvalidMessageError(
+                        f"tool call {item.get('id')!r}: arguments are not valid JSON"
+                    ) from exc
+        else:  # LangChain shape: {"id", "name", "args"}
+            name, args = item.get("name"), item.get("args", {})
+        if not isinstance(name, str) or not name:
+            raise InvalidMessageError("a tool call needs a non-empty 'name'")
+        if not isinstance(args, dict):
+            raise InvalidMessageError(f"tool call {name!r}: arguments must be an object")
+        call_id = item.get("id") or new_id()
+        if not isinstance(call_id, str):
+            raise InvalidMessageError(f"tool call {name!r}: 'id' must be a string")
+        calls.append(ToolCall(id=call_id, name=name, args=args))
+    return calls
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            else:
+                raise InvalidMessageError("only text content parts are supported")
+        return "".join(parts)
+    raise InvalidMessageError(f"'content' must be a string, got {type(content).__name__}")
+
+
+def _from_dict(data: Mapping[str, Any]) -> MessageLike:
+    role = data.get("role", data.get("type"))
+    if not isinstance(role, str) or role not in _ROLES and role != "remove":
+        raise InvalidMessageError(
+            f"a message dict needs 'role' of {sorted(_ROLES)}, got {role!r}"
+        )
+    msg_id = data.get("id") or ""
+    if not isinstance(msg_id, str):
+        raise InvalidMessageError("'id' must be a string")
+    if role == "remove":
+        if not msg_id:
+            raise InvalidMessageError("a remove message needs an 'id'")
+        return RemoveMessage(id=msg_id)
+    content = _content_text(data.get("content"))
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidMessageError("'name' must be a string")
+    cls = _ROLES[role]
+    if cls is AIMessage:
+        return AIMessage(
+            content, id=msg_id, name=name, tool_calls=_openai_tool_calls(data.get("tool_calls"))
+        )
+    if cls is ToolMessage:
+        call_id = data.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise InvalidMessageError("a tool message needs a 'tool_call_id'")
+        status = data.get("status", "success")
+        if status not in ("success", "error"):
+            raise InvalidMessageError("'status' must be 'success' or 'error'")
+        return ToolMessage(content, id=msg_id, name=name, tool_call_id=call_id, status=status)
+    return cls(content, id=msg_id, name=name)
+
+
+def coerce_message(value: object) -> MessageLike:
+    """Turn a str, an OpenAI-style dict or a message object into a message.
+
+    The result keeps its id if it had one; ``ensure_id`` assigns one.
+    """
+    if isinstance(value, _Message):
+        if not isinstance(value.content, str):
+            raise InvalidMessageError("message content must be a string")
+        return value  # type: ignore[return-value]
+    if isinstance(value, str):
+        return HumanMessage(value)
+    if isinstance(value, Mapping):
+        return _from_dict(value)
+    raise InvalidMessageError(
+        "a message must be a str, a dict with 'role' and 'content', or a message object; "
+        f"got {type(value).__name__}"
+    )
+
+
+def ensure_id(message: MessageLike) -> MessageLike:
+    """The message itself if it has an id, else a copy with a fresh one."""
+    if message.id:
+        return message
+    return msgspec.structs.replace(message, id=new_id())
+
+
+def coerce_messages(value: object) -> list[MessageLike]:
+    """Coerce one message or a list of them, giving each a stable id."""
+    items: Iterable[object]
+    if isinstance(value, (str, Mapping, _Message)):
+        items = (value,)
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        raise InvalidMessageError(
+            f"'messages' must be a message or a list of messages, got {type(value).__name__}"
+        )
+    return [ensure_id(coerce_message(item)) for item in items]
+
+
+def to_openai(message: AnyMessage) -> dict[str, Any]:
+    """An OpenAI Chat Completions dict for this message."""
+    role = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}[message.type]
+    out: dict[str, Any] = {"role": role, "content": message.content}
+    if message.name is not None:
+        out["name"] = message.name
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": msgspec.json.encode(c.args).decode()},
+            }
+            for c in message.tool_calls
+        ]
+    if isinstance(message, ToolMessage):
+        out["tool_call_id"] = message.tool_call_id
+    return out

@@ -1,0 +1,199 @@
+"""Thread state, its reducers and validated updates."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from ._errors import InvalidUpdateError
+from ._messages import (
+    REMOVE_ALL_MESSAGES,
+    AnyMessage,
+    MessageLike,
+    RemoveMessage,
+    coerce_messages,
+)
+
+_MISSING: Any = object()
+
+
+class AgentState(msgspec.Struct, kw_only=True):
+    """A thread's state: the conversation plus whatever fields a subclass adds.
+
+    Subclass it to add fields (``user_id: str``, ``preferences: dict``). Fields
+    are read as attributes or by key (``state["messages"]``), so LangGraph-shaped
+    code reads naturally. Treat a state as immutable: every change goes through
+    an update (a dict) and the reducers, which build a new state.
+    """
+
+    messages: list[AnyMessage] = msgspec.field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.__struct_fields__:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, _MISSING) if key in self.__struct_fields__ else _MISSING
+        return default if value is _MISSING or value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self.__struct_fields__
+
+    def keys(self) -> tuple[str, ...]:
+        return self.__struct_fields__
+
+
+S = TypeVar("S", bound=AgentState)
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """Returned by a tool or a hook: a state ``update`` and/or where to go next.
+
+    ``goto`` is one of ``"model"``, ``"tools"``, ``"end"`` (hooks only).
+    """
+
+    update: dict[str, Any] | None = None
+    goto: Literal["model", "tools", "end"] | None = None
+
+
+def add_messages(
+    left: Sequence[AnyMessage], right: Sequence[MessageLike]
+) -> list[AnyMessage]:
+    """Merge ``right`` into ``left``: append; same id replaces; remove by id.
+
+    A ``RemoveMessage(id=REMOVE_ALL_MESSAGES)`` in ``right`` discards everything
+    before it (in ``left`` and in ``right``). Removing an id that does not exist
+    raises ``InvalidUpdateError``. Messages must already carry ids.
+    """
+    cut = -1
+    for i, m in enumerate(right):
+        if isinstance(m, RemoveMessage) and m.id == REMOVE_ALL_MESSAGES:
+            cut = i
+    if cut >= 0:
+        left, right = (), right[cut + 1 :]
+
+    # Fast path: the usual step appends messages with fresh ids.
+    if not any(isinstance(m, RemoveMessage) for m in right):
+        ids = {m.id for m in left}
+        if not any(m.id in ids for m in right):
+            return [*left, *right]  # type: ignore[list-item]
+    merged: list[AnyMessage | None] = list(left)
+    index = {m.id: i for i, m in enumerate(left)}
+    removed: set[str] = set()
+    for m in right:
+        pos = index.get(m.id)
+        if isinstance(m, RemoveMessage):
+            if pos is None or m.id in removed:
+                raise InvalidUpdateError(
+                    f"RemoveMessage: no message with id {m.id!r} in the thread"
+                )
+            removed.add(m.id)
+            merged[pos] = None
+        elif pos is not None and m.id not in removed:
+            merged[pos] = m
+        else:
+            removed.discard(m.id)
+            index[m.id] = len(merged)
+            merged.append(m)
+    return [m for m in merged if m is not None]
+
+
+class _Schema:
+    """What threadline knows about a state class: field types and decoders."""
+
+    def __init__(self, cls: type[AgentState]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, AgentState)):
+            raise TypeError(f"state_schema must subclass AgentState, got {cls!r}")
+        self.cls = cls
+        self.fields = {f.name: f for f in msgspec.structs.fields(cls)}
+        if "messages" not in self.fields:
+            raise TypeError("state_schema must keep the 'messages' field")
+        # A patch holds only the fields an update set; UNSET fields are not encoded.
+        self.patch = msgspec.defstruct(
+            f"{cls.__name__}Patch",
+            [
+                (
+                    name,
+                    (list[MessageLike] if name == "messages" else f.type) | msgspec.UnsetType,
+                    msgspec.UNSET,
+                )
+                for name, f in self.fields.items()
+            ],
+            kw_only=True,
+            omit_defaults=True,
+            module=__name__,
+        )
+
+
+@functools.cache
+def schema_info(cls: type[AgentState]) -> _Schema:
+    return _Schema(cls)
+
+
+def normalize_update(
+    cls: type[AgentState], update: object, *, source: str = "update"
+) -> dict[str, Any]:
+    """Validate an update dict against the schema; coerce messages, give them ids.
+
+    Raises ``InvalidUpdateError`` naming the key (and ``source``) that is wrong.
+    """
+    if isinstance(update, AgentState):
+        update = {k: getattr(update, k) for k in update.__struct_fields__}
+    if not isinstance(update, Mapping):
+        raise InvalidUpdateError(
+            f"{source}: a state update must be a dict, got {type(update).__name__}"
+        )
+    info = schema_info(cls)
+    out: dict[str, Any] = {}
+    for key, value in update.items():
+        field = info.fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            raise InvalidUpdateError(
+                f"{source}: unknown state key {key!r} for {cls.__name__} "
+                f"(fields: {', '.join(info.fields)})"
+            )
+        if key == "messages":
+            try:
+                out[key] = coerce_messages(value)
+            except InvalidUpdateError:
+                raise
+            except Exception as exc:
+                raise InvalidUpdateError(f"{source}: 'messages': {exc}") from exc
+            continue
+        try:
+            out[key] = msgspec.convert(value, field.type)
+        except msgspec.ValidationError as exc:
+            raise InvalidUpdateError(f"{source}: state key {key!r}: {exc}") from exc
+    return out
+
+
+def apply_update(state: S, update: Mapping[str, Any]) -> S:
+    """A new state with a normalized update applied through the reducers."""
+    if not update:
+        return state
+    changes = dict(update)
+    right = changes.get("messages")
+    if right is not None:
+        changes["messages"] = add_messages(state.messages, right)
+    return msgspec.structs.replace(state, **changes)
+
+
+def initial_state(cls: type[S], update: Mapping[str, Any]) -> S:
+    """The state of a new thread built from its first (normalized) update.
+
+    Fields without defaults must be given by that update.
+    """
+    values = dict(update)
+    right = values.pop("messages", None)
+    try:
+        state = msgspec.convert(values, cls)
+    except msgspec.ValidationError as exc:
+        raise InvalidUpdateError(f"a new thread's state: {exc}") from exc
+    if right is not None:
+        state = msgspec.structs.replace(state, messages=add_messages([], right))
+    return state
+

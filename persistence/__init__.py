@@ -1,0 +1,36 @@
+"""What makes threads durable: snapshot stores, the record codec, the journal."""
+
+from threadline.actors import ConflictError as ConflictError
+from threadline.actors import FencedError as FencedError
+from threadline.actors import PersistenceError as PersistenceError
+from threadline.actors import SnapshotCorruptError as SnapshotCorruptError
+from threadline.actors import SnapshotFormatError as SnapshotFormatError
+from threadline.actors import StoreUnavailableError as StoreUnavailableError
+
+from ._codec import FORMAT_VERSION as FORMAT_VERSION
+from ._codec import Codec as Codec
+from ._journal import ThreadJournal as ThreadJournal
+from ._journal import load_thread as load_thread
+from ._journal import read_history as read_history
+from ._store import CommitRequest as CommitRequest
+from ._store import MemorySnapshotStore as MemorySnapshotStore
+from ._store import SnapshotStore as SnapshotStore
+from ._store import StoredThread as StoredThread
+
+__all__ = (
+    "FORMAT_VERSION",
+    "Codec",
+    "CommitRequest",
+    "ConflictError",
+    "FencedError",
+    "MemorySnapshotStore",
+    "PersistenceError",
+    "SnapshotCorruptError",
+    "SnapshotFormatError",
+    "SnapshotStore",
+    "StoreUnavailableError",
+    "StoredThread",
+    "ThreadJournal",
+    "load_thread",
+    "read_history",
+)

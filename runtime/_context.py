@@ -1,0 +1,131 @@
+"""What hooks, tools and models see of the running thread."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import msgspec
+
+from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
+
+if TYPE_CHECKING:
+    from ._models import ChatModel
+    from ._tools import Tool
+
+C = TypeVar("C")
+S = TypeVar("S", bound=AgentState)
+
+Emit = Callable[[str, Any], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Runtime(Generic[C]):
+    """The run's environment: static ``context``, the cross-conversation
+    ``store``, a ``stream_writer`` for custom stream events, the ``thread_id``
+    and the system's ``resources`` (never persisted)."""
+
+    context: C
+    store: Any
+    thread_id: str
+    resources: Mapping[str, Any]
+    emit: Emit = dataclasses.field(repr=False)
+
+    def stream_writer(self, data: Any) -> None:
+        """Send ``data`` to ``stream(..., mode="custom")`` consumers."""
+        self.emit("custom", data)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ToolRuntime(Generic[C, S]):
+    """Injected into a tool parameter annotated ``ToolRuntime`` (hidden from the model)."""
+
+    state: S
+    context: C
+    store: Any
+    tool_call_id: str
+    thread_id: str
+    resources: Mapping[str, Any]
+    emit: Emit = dataclasses.field(repr=False)
+
+    def stream_writer(self, data: Any) -> None:
+        self.emit("custom", data)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class ModelRequest(Generic[S]):
+    """One model call: what hooks may change (for this call only) before it goes out."""
+
+    model: ChatModel
+    messages: list[AnyMessage]
+    system_prompt: str | None
+    tools: Sequence[Tool]
+    state: S
+    runtime: Runtime[Any]
+    tool_choice: Any = None
+    model_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def override(self, **changes: Any) -> ModelRequest[S]:
+        """A copy with ``changes`` (the stored history is never touched)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class ToolCallRequest(Generic[S]):
+    """One tool call as seen by ``wrap_tool_call`` hooks."""
+
+    tool_call: ToolCall
+    tool: Tool | None
+    state: S
+    runtime: ToolRuntime[Any, S]
+
+    def override(self, **changes: Any) -> ToolCallRequest[S]:
+        return dataclasses.replace(self, **changes)
+
+
+def _to_builtins(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):  # pydantic models
+        return dump(mode="json")
+    return msgspec.to_builtins(value)
+
+
+class ContextCodec:
+    """Validates static context at the door and rebuilds it for each step.
+
+    Context travels with the message as plain builtins (persisted with the
+    turn), so a resumed turn sees the same context; each step gets a fresh
+    object, so a hook that mutates it cannot leak into another step.
+    """
+
+    def __init__(self, schema: Any) -> None:
+        self.schema = schema
+        self._pydantic = callable(getattr(schema, "model_validate", None))
+
+    def dump(self, context: Any) -> Any:
+        if context is None:
+            if self.schema is None:
+                return None
+            raise InvalidContextError(f"this agent needs a context of type {self._name()}")
+        try:
+            raw = _to_builtins(context)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidContextError(f"context cannot be stored: {exc}") from exc
+        self.load(raw)  # validate now, at the door, not in the middle of a turn
+        return raw
+
+    def load(self, raw: Any) -> Any:
+        if self.schema is None:
+            return MappingProxyType(raw) if isinstance(raw, dict) else raw
+        try:
+            if self._pydantic:
+                return self.schema.model_validate(raw)
+            value = msgspec.convert(raw, self.schema)
+        except Exception as exc:
+            raise InvalidContextError(f"context does not match {self._name()}: {exc}") from exc
+        return MappingProxyType(value) if isinstance(value, dict) else value
+
+    def _name(self) -> str:
+        return getattr(self.schema, "__name__", repr(self.schema))
