@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, overload
@@ -45,7 +46,12 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 
 
 def _is_tool_runtime(annotation: Any) -> bool:
-    return annotation is ToolRuntime or typing.get_origin(annotation) is ToolRuntime
+    if annotation is ToolRuntime or typing.get_origin(annotation) is ToolRuntime:
+        return True
+    # ``ToolRuntime | None`` and ``Optional[ToolRuntime[...]]``
+    return any(_is_tool_runtime(arg) for arg in typing.get_args(annotation) if arg is not type(None)) and (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    )
 
 
 class Tool:

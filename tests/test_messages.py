@@ -1,0 +1,172 @@
+"""Messages, coercion at the door, the add_messages reducer and state updates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from threadline.actors import (
+    REMOVE_ALL_MESSAGES,
+    AgentState,
+    AIMessage,
+    HumanMessage,
+    InvalidMessageError,
+    InvalidUpdateError,
+    RemoveMessage,
+    SystemMessage,
+    ToolCall,
+    ToolMessage,
+    add_messages,
+    apply_update,
+    coerce_message,
+    coerce_messages,
+    normalize_update,
+    to_openai,
+)
+
+
+def test_plain_string_becomes_human_message() -> None:
+    message = coerce_message("hello")
+    assert isinstance(message, HumanMessage)
+    assert message.content == "hello"
+
+
+@pytest.mark.parametrize(
+    ("data", "cls"),
+    [
+        ({"role": "user", "content": "a"}, HumanMessage),
+        ({"role": "system", "content": "a"}, SystemMessage),
+        ({"role": "assistant", "content": "a"}, AIMessage),
+        ({"role": "tool", "content": "a", "tool_call_id": "c1"}, ToolMessage),
+    ],
+)
+def test_openai_dicts(data: dict[str, Any], cls: type) -> None:
+    message = coerce_message(data)
+    assert type(message) is cls
+    assert message.content == "a"
+
+
+def test_openai_tool_calls_round_trip() -> None:
+    data = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+        ],
+    }
+    message = coerce_message(data)
+    assert isinstance(message, AIMessage)
+    assert message.tool_calls == [ToolCall(id="c1", name="f", args={"x": 1})]
+    assert message.tool_calls[0]["args"] == {"x": 1}
+    assert to_openai(message)["tool_calls"][0]["function"]["arguments"] == '{"x":1}'
+    assert coerce_message(to_openai(message)) == message
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        (42, "got int"),
+        ({"content": "no role"}, "'role'"),
+        ({"role": "wizard", "content": "x"}, "'wizard'"),
+        ({"role": "user", "content": 3}, "'content' must be a string"),
+        ({"role": "tool", "content": "x"}, "tool_call_id"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}, "not valid JSON"),
+        (None, "got NoneType"),
+    ],
+)
+def test_bad_messages_raise_typed_errors(bad: object, needle: str) -> None:
+    with pytest.raises(InvalidMessageError, match=needle):
+        coerce_message(bad)
+
+
+def test_ids_are_assigned_on_entry_and_kept() -> None:
+    fresh, kept = coerce_messages(["a", HumanMessage("b", id="mine")])
+    assert fresh.id and fresh.id != "mine"
+    assert kept.id == "mine"
+
+
+def test_messages_are_tagged_and_round_trip_msgpack() -> None:
+    messages = coerce_messages(
+        ["hi", AIMessage("x", tool_calls=[ToolCall(id="1", name="f", args={"a": [1]})])]
+    )
+    raw = msgspec.msgpack.encode(messages)
+    assert msgspec.msgpack.decode(raw, type=list[HumanMessage | AIMessage]) == messages
+
+
+def _ids(messages: list[Any]) -> list[str]:
+    return [m.id for m in messages]
+
+
+def test_add_messages_appends_and_replaces_by_id() -> None:
+    left = coerce_messages(["a", "b"])
+    replacement = HumanMessage("B!", id=left[1].id)
+    merged = add_messages(left, [replacement, *coerce_messages(["c"])])
+    assert [m.content for m in merged] == ["a", "B!", "c"]
+    assert merged[1].id == left[1].id
+
+
+def test_add_messages_removes_by_id() -> None:
+    left = coerce_messages(["a", "b", "c"])
+    merged = add_messages(left, [RemoveMessage(id=left[0].id), RemoveMessage(id=left[2].id)])
+    assert _ids(merged) == [left[1].id]
+
+
+def test_removing_an_unknown_id_is_an_error() -> None:
+    left = coerce_messages(["a"])
+    with pytest.raises(InvalidUpdateError, match="nope"):
+        add_messages(left, [RemoveMessage(id="nope")])
+
+
+def test_remove_all_replaces_everything_before_it() -> None:
+    left = coerce_messages(["a", "b", "c"])
+    kept = coerce_messages(["x", "y"])
+    merged = add_messages(
+        left, [*coerce_messages(["lost"]), RemoveMessage(id=REMOVE_ALL_MESSAGES), *kept]
+    )
+    assert merged == kept
+    assert add_messages(left, [RemoveMessage(id=REMOVE_ALL_MESSAGES)]) == []
+
+
+def test_remove_then_re_add_same_id_in_one_update() -> None:
+    left = coerce_messages(["a", "b"])
+    again = HumanMessage("b again", id=left[1].id)
+    merged = add_messages(left, [RemoveMessage(id=left[1].id), again])
+    assert [m.content for m in merged] == ["a", "b again"]
+
+
+class Profile(AgentState):
+    user_id: str
+    preferences: dict[str, str] = {}
+    visits: int = 0
+
+
+def test_state_reads_by_attribute_and_key() -> None:
+    state = Profile(user_id="u1")
+    assert state["user_id"] == "u1" == state.user_id
+    assert state.get("nope", 3) == 3
+    assert "messages" in state
+    with pytest.raises(KeyError):
+        state["nope"]
+
+
+def test_updates_are_validated_against_the_schema() -> None:
+    with pytest.raises(InvalidUpdateError, match="unknown state key 'nope'"):
+        normalize_update(Profile, {"nope": 1})
+    with pytest.raises(InvalidUpdateError, match="'visits'"):
+        normalize_update(Profile, {"visits": "many"})
+    with pytest.raises(InvalidUpdateError, match="must be a dict"):
+        normalize_update(Profile, ["messages"])
+
+
+def test_other_fields_are_overwritten_and_messages_reduced() -> None:
+    state = Profile(user_id="u1", preferences={"theme": "dark"})
+    update = normalize_update(
+        Profile, {"preferences": {"theme": "light"}, "visits": 2, "messages": "hi"}
+    )
+    new = apply_update(state, update)
+    assert new.preferences == {"theme": "light"}
+    assert new.visits == 2
+    assert [m.content for m in new.messages] == ["hi"]
+    assert state.visits == 0 and state.messages == []  # the old state is untouched
