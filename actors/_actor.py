@@ -13,8 +13,9 @@ is empty. An idle actor is therefore just its state and a few slots.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import anyio
@@ -160,7 +161,17 @@ class Envelope:
     one step) or ``"delete"``.
     """
 
-    __slots__ = ("_done", "_error", "_value", "context", "kind", "message_id", "modes", "sink", "update")
+    __slots__ = (
+        "_done",
+        "_error",
+        "_value",
+        "context",
+        "kind",
+        "message_id",
+        "modes",
+        "sink",
+        "update",
+    )
 
     def __init__(
         self,
@@ -244,7 +255,7 @@ class ThreadActor(Generic[S]):
         *,
         behavior: Behavior[S],
         journal: Journal[S],
-        spawn: Callable[[Callable[[], Awaitable[None]], str], None],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]], str], None],
         capacity: int,
         keep_consumed: int,
     ) -> None:
@@ -352,10 +363,9 @@ class ThreadActor(Generic[S]):
         self.ready = True
         _log.info("thread.activated", version=recovered.version, resume=self.turn is not None)
         if self.turn is not None:
-            try:
+            # A failure is recorded durably as an abort step and logged; nobody awaits it.
+            with contextlib.suppress(TurnFailedError):
                 await self._run_turn(self.turn, None)
-            except TurnFailedError:
-                pass  # recorded durably as an abort step and logged; nobody awaits it
 
     # -- steps -------------------------------------------------------------------
 
@@ -387,9 +397,13 @@ class ThreadActor(Generic[S]):
         _log.debug("step.committed", version=version, kind=kind)
         if envelope is not None and envelope.sink is not None:
             envelope.emit(
-                StreamPart(mode="updates", data={kind: updates}, thread_id=self.thread_id, version=version)
+                StreamPart(
+                    mode="updates", data={kind: updates}, thread_id=self.thread_id, version=version
+                )
             )
-            envelope.emit(StreamPart(mode="values", data=state, thread_id=self.thread_id, version=version))
+            envelope.emit(
+                StreamPart(mode="values", data=state, thread_id=self.thread_id, version=version)
+            )
 
     def _result(self, envelope: Envelope, *, duplicate: bool = False) -> TurnResult[S]:
         assert self.state is not None
@@ -485,7 +499,7 @@ def stream_modes(mode: str | Sequence[str]) -> frozenset[str]:
     unknown = modes - {"values", "updates", "custom", "messages"}
     if unknown or not modes:
         raise ValueError(
-            f"stream mode must be among 'values', 'updates', 'custom', 'messages'; got {sorted(unknown)}"
+            "stream mode must be among 'values', 'updates', 'custom', 'messages'; "
+            f"got {sorted(unknown)}"
         )
     return modes
-

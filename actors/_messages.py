@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgspec
 
@@ -58,7 +58,7 @@ class _Message(_Content, frozen=True, kw_only=True, omit_defaults=True):
         return f"{title:=^80}\n\n{self.content}"
 
     def pretty_print(self) -> None:
-        print(self.pretty_repr())  # noqa: T201 - mirrors LangChain's helper
+        print(self.pretty_repr())  # mirrors LangChain's helper
 
 
 class SystemMessage(_Message, frozen=True, tag="system", omit_defaults=True):
@@ -177,10 +177,8 @@ def _content_text(content: Any) -> str:
 
 def _from_dict(data: Mapping[str, Any]) -> MessageLike:
     role = data.get("role", data.get("type"))
-    if not isinstance(role, str) or role not in _ROLES and role != "remove":
-        raise InvalidMessageError(
-            f"a message dict needs 'role' of {sorted(_ROLES)}, got {role!r}"
-        )
+    if not isinstance(role, str) or (role not in _ROLES and role != "remove"):
+        raise InvalidMessageError(f"a message dict needs 'role' of {sorted(_ROLES)}, got {role!r}")
     msg_id = data.get("id") or ""
     if not isinstance(msg_id, str):
         raise InvalidMessageError("'id' must be a string")
@@ -205,7 +203,7 @@ def _from_dict(data: Mapping[str, Any]) -> MessageLike:
         if status not in ("success", "error"):
             raise InvalidMessageError("'status' must be 'success' or 'error'")
         return ToolMessage(content, id=msg_id, name=name, tool_call_id=call_id, status=status)
-    return cls(content, id=msg_id, name=name)
+    return cast(MessageLike, cls(content, id=msg_id, name=name))
 
 
 def coerce_message(value: object) -> MessageLike:
@@ -216,7 +214,7 @@ def coerce_message(value: object) -> MessageLike:
     if isinstance(value, _Message):
         if not isinstance(value.content, str):
             raise InvalidMessageError("message content must be a string")
-        return value  # type: ignore[return-value]
+        return cast(MessageLike, value)
     if isinstance(value, str):
         return HumanMessage(value)
     if isinstance(value, Mapping):

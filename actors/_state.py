@@ -60,9 +60,7 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     goto: Literal["model", "tools", "end"] | None = None
 
 
-def add_messages(
-    left: Sequence[AnyMessage], right: Sequence[MessageLike]
-) -> list[AnyMessage]:
+def add_messages(left: Sequence[AnyMessage], right: Sequence[MessageLike]) -> list[AnyMessage]:
     """Merge ``right`` into ``left``: append; same id replaces; remove by id.
 
     A ``RemoveMessage(id=REMOVE_ALL_MESSAGES)`` in ``right`` discards everything
@@ -196,4 +194,3 @@ def initial_state(cls: type[S], update: Mapping[str, Any]) -> S:
     if right is not None:
         state = msgspec.structs.replace(state, messages=add_messages([], right))
     return state
-

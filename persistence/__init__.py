@@ -12,6 +12,8 @@ from ._codec import Codec as Codec
 from ._journal import ThreadJournal as ThreadJournal
 from ._journal import load_thread as load_thread
 from ._journal import read_history as read_history
+from ._redis import RedisSnapshotStore as RedisSnapshotStore
+from ._sqlite import SqliteSnapshotStore as SqliteSnapshotStore
 from ._store import CommitRequest as CommitRequest
 from ._store import MemorySnapshotStore as MemorySnapshotStore
 from ._store import SnapshotStore as SnapshotStore
@@ -25,9 +27,11 @@ __all__ = (
     "FencedError",
     "MemorySnapshotStore",
     "PersistenceError",
+    "RedisSnapshotStore",
     "SnapshotCorruptError",
     "SnapshotFormatError",
     "SnapshotStore",
+    "SqliteSnapshotStore",
     "StoreUnavailableError",
     "StoredThread",
     "ThreadJournal",

@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 import msgspec
-
 from threadline.actors import ConflictError, FencedError
 
 
@@ -83,7 +82,9 @@ class SnapshotStore(Protocol):
         """
         ...
 
-    async def read_steps(self, thread_id: str, start: int = 1, stop: int | None = None) -> list[bytes]:
+    async def read_steps(
+        self, thread_id: str, start: int = 1, stop: int | None = None
+    ) -> list[bytes]:
         """Step records of versions ``start .. stop`` (inclusive; None = to the head)."""
         ...
 

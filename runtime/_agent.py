@@ -7,7 +7,6 @@ from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import msgspec
-
 from threadline.actors import (
     AgentState,
     AIMessage,
@@ -36,12 +35,16 @@ S = TypeVar("S", bound=AgentState)
 _GOTO = ("model", "tools", "end")
 
 
-def _merge_schema(base: type[AgentState], middleware: Sequence[AgentMiddleware]) -> type[AgentState]:
+def _merge_schema(
+    base: type[AgentState], middleware: Sequence[AgentMiddleware]
+) -> type[AgentState]:
     extra = [m.state_schema for m in middleware if m.state_schema is not None]
     bases = [base] + [e for e in extra if not issubclass(base, e)]
     if len(bases) == 1:
         return base
-    return cast(type[AgentState], type(f"{base.__name__}WithMiddleware", tuple(dict.fromkeys(bases)), {}))
+    return cast(
+        type[AgentState], type(f"{base.__name__}WithMiddleware", tuple(dict.fromkeys(bases)), {})
+    )
 
 
 class Agent(Generic[S]):
@@ -185,7 +188,9 @@ class Agent(Generic[S]):
                 return goto
         return None
 
-    async def _model_step(self, state: S, turn: TurnCursor, runtime: Runtime[Any]) -> StepOutcome[S]:
+    async def _model_step(
+        self, state: S, turn: TurnCursor, runtime: Runtime[Any]
+    ) -> StepOutcome[S]:
         step = _Step(self._schema, state)
         goto = None
         if turn.model_calls == 0 and turn.tool_calls == 0:
@@ -216,9 +221,7 @@ class Agent(Generic[S]):
         if goto == "end":
             await self._run_hooks("after_agent", step, runtime, reverse=True)
         else:
-            nxt = msgspec.structs.replace(
-                turn, next=goto, model_calls=turn.model_calls + called
-            )
+            nxt = msgspec.structs.replace(turn, next=goto, model_calls=turn.model_calls + called)
         return StepOutcome("model", step.updates, step.state, nxt)
 
     @staticmethod
@@ -232,7 +235,9 @@ class Agent(Generic[S]):
                 return [c for c in message.tool_calls if c.id not in answered]
         return []
 
-    async def _tools_step(self, state: S, turn: TurnCursor, runtime: Runtime[Any]) -> StepOutcome[S]:
+    async def _tools_step(
+        self, state: S, turn: TurnCursor, runtime: Runtime[Any]
+    ) -> StepOutcome[S]:
         calls = self._pending_calls(state)
         results: list[ToolMessage | Command | None] = [None] * len(calls)
         errors: list[BaseException] = []

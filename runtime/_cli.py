@@ -12,7 +12,6 @@ import anyio
 import anyio.to_thread
 import msgspec
 import structlog
-
 from threadline.actors import AIMessage, ThreadlineError, ThreadNotFoundError, ToolMessage
 
 from ._agent import Agent
@@ -45,8 +44,11 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     async with ActorSystem(agent, snapshots=args.db) as system:
         try:
             state = await system.get_state(args.thread)
-            print(f"(thread {args.thread!r} continues: {len(state.state.messages)} messages, "
-                  f"version {state.version})", file=stdout)
+            print(
+                f"(thread {args.thread!r} continues: {len(state.state.messages)} messages, "
+                f"version {state.version})",
+                file=stdout,
+            )
         except ThreadNotFoundError:
             print(f"(new thread {args.thread!r} in {args.db})", file=stdout)
         print("Type a message; /quit or end of input to leave.", file=stdout)
@@ -73,7 +75,9 @@ def _format_update(update: dict[str, Any]) -> str:
         if key == "messages":
             for m in value:
                 if isinstance(m, AIMessage) and m.tool_calls:
-                    calls = ", ".join(f"{c.name}({msgspec.json.encode(c.args).decode()})" for c in m.tool_calls)
+                    calls = ", ".join(
+                        f"{c.name}({msgspec.json.encode(c.args).decode()})" for c in m.tool_calls
+                    )
                     parts.append(f"{m.type}: calls {calls}")
                 elif isinstance(m, ToolMessage):
                     parts.append(f"tool[{m.tool_call_id}]: {m.content[:60]!r}")
@@ -92,10 +96,12 @@ async def _inspect(args: argparse.Namespace, stdout: TextIO) -> int:
         except ThreadNotFoundError:
             print(f"no thread {args.thread!r} in {args.db}", file=stdout)
             return 1
-        print(f"thread {args.thread!r}: version {snapshot.version}, "
-              f"{len(snapshot.state.messages)} messages"
-              + (f", unfinished turn (next step: {snapshot.next})" if snapshot.next else ""),
-              file=stdout)
+        print(
+            f"thread {args.thread!r}: version {snapshot.version}, "
+            f"{len(snapshot.state.messages)} messages"
+            + (f", unfinished turn (next step: {snapshot.next})" if snapshot.next else ""),
+            file=stdout,
+        )
         print("\nstate:", file=stdout)
         for message in snapshot.state.messages:
             print(f"  [{message.type}] {message.content}", file=stdout)
@@ -103,7 +109,10 @@ async def _inspect(args: argparse.Namespace, stdout: TextIO) -> int:
         for step in await system.history(args.thread):
             note = f"  error: {step.error}" if step.error else ""
             for update in step.updates or [{}]:
-                print(f"  v{step.version:<5} {step.kind:<7} {_format_update(update)}{note}", file=stdout)
+                print(
+                    f"  v{step.version:<5} {step.kind:<7} {_format_update(update)}{note}",
+                    file=stdout,
+                )
     return 0
 
 

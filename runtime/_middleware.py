@@ -81,7 +81,7 @@ def _function_middleware(
         return fn(*args)
 
     cls = type(
-        name or getattr(fn, "__name__", hook),
+        str(name or getattr(fn, "__name__", hook)),
         (AgentMiddleware,),
         {hook: method, "state_schema": state_schema, "__doc__": fn.__doc__},
     )

@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
-
 from threadline.actors import AIMessage, HumanMessage, ToolCall, ToolMessage
 from threadline.actors._messages import new_id
 
@@ -32,7 +31,9 @@ def _as_ai(value: object) -> AIMessage:
     if isinstance(value, AIMessage):
         # Scripts reuse messages; a reused id would *replace* the earlier one.
         return msgspec.structs.replace(value, id=new_id())
-    raise TypeError(f"a scripted response must be a str or an AIMessage, got {type(value).__name__}")
+    raise TypeError(
+        f"a scripted response must be a str or an AIMessage, got {type(value).__name__}"
+    )
 
 
 class ScriptedModel:
@@ -45,7 +46,11 @@ class ScriptedModel:
     """
 
     def __init__(
-        self, responses: Sequence[Response] | Responder, *, cycle: bool = True, name: str = "scripted"
+        self,
+        responses: Sequence[Response] | Responder,
+        *,
+        cycle: bool = True,
+        name: str = "scripted",
     ) -> None:
         self._responder: Responder | None = None
         self._responses: list[Response] = []

@@ -8,7 +8,7 @@ import os
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -16,7 +16,6 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskGroup
-
 from threadline.actors import (
     AgentState,
     InvalidInputError,
@@ -133,6 +132,8 @@ class ActorSystem(Generic[S]):
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
+        self._busy = 0  # actors with a drain task
+        self._drained: anyio.Event | None = None
         self._encoder = msgspec.msgpack.Encoder()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -158,19 +159,28 @@ class ActorSystem(Generic[S]):
         self._closing = True
         stack, tg = self._stack, self._tg
         try:
-            if exc_type is None:
+            if exc_type is None and self._busy:
+                self._drained = anyio.Event()
                 with anyio.move_on_after(self._shutdown_timeout):
-                    while any(not a.idle for a in self._actors.values()):
-                        await anyio.sleep(0.005)
+                    await self._drained.wait()
             tg.cancel_scope.cancel()
         finally:
             self._stack = self._tg = None
             self._actors.clear()
             await stack.__aexit__(exc_type, exc, tb)
 
-    def _spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         assert self._tg is not None
-        self._tg.start_soon(fn, name=name)
+        self._busy += 1
+        self._tg.start_soon(self._run_actor, fn, name=name)
+
+    async def _run_actor(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await fn()
+        finally:
+            self._busy -= 1
+            if not self._busy and self._drained is not None:
+                self._drained.set()
 
     async def _passivate_idle(self) -> None:
         """Drop idle actors from memory; their state is durable, so this is free."""
@@ -313,7 +323,10 @@ class ActorSystem(Generic[S]):
                 raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
             state, version, turn = recovered.state, recovered.version, recovered.turn
         return ThreadSnapshot(
-            thread_id=thread_id, version=version, state=state, next=None if turn is None else turn.next
+            thread_id=thread_id,
+            version=version,
+            state=state,
+            next=None if turn is None else turn.next,
         )
 
     async def update_state(

@@ -14,7 +14,6 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import msgspec
-
 from threadline.actors import InvalidInputError
 
 from ._context import ToolRuntime
@@ -37,7 +36,9 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
             continue
         if not line.startswith((" ", "\t")):
             break  # the next section
-        if (arg := _ARG_LINE.match(line)) is not None and line[: len(line) - len(line.lstrip())].count(" ") <= 4:
+        if (arg := _ARG_LINE.match(line)) is not None and line[
+            : len(line) - len(line.lstrip())
+        ].count(" ") <= 4:
             current = arg[1].lstrip("*")
             args[current] = arg[2].strip()
         elif current is not None:
@@ -49,9 +50,9 @@ def _is_tool_runtime(annotation: Any) -> bool:
     if annotation is ToolRuntime or typing.get_origin(annotation) is ToolRuntime:
         return True
     # ``ToolRuntime | None`` and ``Optional[ToolRuntime[...]]``
-    return any(_is_tool_runtime(arg) for arg in typing.get_args(annotation) if arg is not type(None)) and (
-        typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    )
+    return any(
+        _is_tool_runtime(arg) for arg in typing.get_args(annotation) if arg is not type(None)
+    ) and (typing.get_origin(annotation) in (typing.Union, types.UnionType))
 
 
 class Tool:
@@ -76,7 +77,7 @@ class Tool:
         fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
         for param in inspect.signature(fn).parameters.values():
             annotation = hints.get(param.name, Any)
-            if _is_tool_runtime(annotation) or param.name == "runtime" and annotation is Any:
+            if _is_tool_runtime(annotation) or (param.name == "runtime" and annotation is Any):
                 self.runtime_param = param.name
                 continue
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

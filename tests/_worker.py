@@ -2,7 +2,7 @@
 
     python tests/_worker.py crash  STORE THREAD MARKER   # hangs in the tools step
     python tests/_worker.py resume STORE THREAD         # sends "after", prints the result
-    python tests/_worker.py race   STORE THREAD TAG N START  # N asks from time START, prints outcomes
+    python tests/_worker.py race   STORE THREAD TAG N START  # N asks from time START
 
 STORE is a path (SQLite) or ``redis://host:port/0#prefix``.
 """
@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 import structlog
-
 from threadline.actors import AIMessage, HumanMessage, PersistenceError, ToolCall, ToolMessage
 from threadline.persistence import RedisSnapshotStore, SnapshotStore, SqliteSnapshotStore
 from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel
@@ -61,7 +60,9 @@ async def main(argv: list[str]) -> None:
     store = open_store(spec)
     if mode == "crash":
         marker = Path(argv[3])
-        async with ActorSystem(make_agent(marker, marker.with_suffix(".log")), snapshots=store) as system:
+        async with ActorSystem(
+            make_agent(marker, marker.with_suffix(".log")), snapshots=store
+        ) as system:
             await system.ask(thread, "tool please")
     elif mode == "resume":
         log = Path(argv[3]) if len(argv) > 3 else None

@@ -9,7 +9,6 @@ import anyio
 import msgspec
 import pytest
 import structlog
-
 from threadline.actors import (
     AgentState,
     AIMessage,
@@ -44,7 +43,9 @@ def echo(request: ModelRequest[Any]) -> str:
 
 
 def calls(*names: str, **args: Any) -> AIMessage:
-    return AIMessage("", tool_calls=[ToolCall(id=f"c{i}", name=n, args=args) for i, n in enumerate(names)])
+    return AIMessage(
+        "", tool_calls=[ToolCall(id=f"c{i}", name=n, args=args) for i, n in enumerate(names)]
+    )
 
 
 def after_tools(request: ModelRequest[Any]) -> str | AIMessage:
@@ -133,9 +134,7 @@ async def test_tools_read_state_and_write_it_with_command() -> None:
         model=ScriptedModel(after_tools), tools=[update_user_info], state_schema=UserState
     )
     async with ActorSystem(agent) as system:
-        result = await system.ask(
-            "t", {"messages": "use update_user_info", "user_id": "user_123"}
-        )
+        result = await system.ask("t", {"messages": "use update_user_info", "user_id": "user_123"})
         assert result.state.user_name == "John Smith"
         assert result["user_id"] == "user_123"
 
@@ -296,7 +295,12 @@ async def test_cancelled_ask_does_not_cancel_the_accepted_message() -> None:
         gate.set()
         result = await system.ask("t", "third")
         assert [m.content for m in result.messages] == [
-            "first", "done", "second", "done", "third", "done"
+            "first",
+            "done",
+            "second",
+            "done",
+            "third",
+            "done",
         ]
 
 
@@ -361,7 +365,10 @@ async def test_get_update_state_history_threads_delete() -> None:
             await system.get_state("t")
         assert await system.delete("t") is False
         fresh = await system.ask("t", "new life")
-        assert fresh.version == 2 and [m.content for m in fresh.messages] == ["new life", "echo: new life"]
+        assert fresh.version == 2 and [m.content for m in fresh.messages] == [
+            "new life",
+            "echo: new life",
+        ]
 
 
 async def test_idle_actors_are_passivated_and_reactivated() -> None:

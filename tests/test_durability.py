@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 import pytest
 import redis
-
 from threadline.actors import (
     AIMessage,
     FencedError,
@@ -173,7 +172,9 @@ async def test_a_second_owner_fences_the_first(store_kind: str, open_store: Any)
         # The fenced actor re-acquires for its next message: history never forks.
         result = await first.ask("t", "four")
         assert [m.content for m in result.messages if isinstance(m, HumanMessage)] == [
-            "one", "two", "four"
+            "one",
+            "two",
+            "four",
         ]
         history = await second.history("t")
         assert [s.version for s in history] == list(range(1, 7))
@@ -205,13 +206,13 @@ async def test_long_history_replays_identically_and_step_cost_stays_flat(
 def flip_sqlite(path: Path, thread_id: str, table: str = "steps") -> None:
     with sqlite3.connect(path) as db:
         (record,) = db.execute(
-            f"SELECT record FROM {table} WHERE thread_id = ? ORDER BY version DESC LIMIT 1",  # noqa: S608
+            f"SELECT record FROM {table} WHERE thread_id = ? ORDER BY version DESC LIMIT 1",
             (thread_id,),
         ).fetchone()
         damaged = bytearray(record)
         damaged[len(damaged) // 2] ^= 0xFF
         db.execute(
-            f"UPDATE {table} SET record = ? WHERE thread_id = ? AND record = ?",  # noqa: S608
+            f"UPDATE {table} SET record = ? WHERE thread_id = ? AND record = ?",
             (bytes(damaged), thread_id, record),
         )
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import msgspec
 import pytest
-
 from threadline.actors import (
     REMOVE_ALL_MESSAGES,
     AgentState,
@@ -72,7 +71,14 @@ def test_openai_tool_calls_round_trip() -> None:
         ({"role": "wizard", "content": "x"}, "'wizard'"),
         ({"role": "user", "content": 3}, "'content' must be a string"),
         ({"role": "tool", "content": "x"}, "tool_call_id"),
-        ({"role": "assistant", "content": "", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}, "not valid JSON"),
+        (
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}],
+            },
+            "not valid JSON",
+        ),
         (None, "got NoneType"),
     ],
 )
