@@ -1,0 +1,1 @@
+"""threadline's benchmarks: ``python -m benchmarks --help``."""

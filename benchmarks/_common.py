@@ -1,0 +1,146 @@
+"""Shared pieces: a private redis-server, a byte-counting store, tables, fake model."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import redis
+from threadline.actors import AIMessage
+from threadline.persistence import CommitRequest, SnapshotStore, StoredThread
+from threadline.runtime import ModelRequest
+
+REPLY = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]
+USER = ("Please tell me something interesting about foxes and dogs. " * 4)[:200]
+
+
+def user_message(turn: int) -> str:
+    """A 200-character user message that differs per turn."""
+    return (f"[{turn}] " + USER)[:200]
+
+
+class FakeModel:
+    """No network, no sleep: a deterministic 200-character reply."""
+
+    async def invoke(self, request: ModelRequest[Any]) -> AIMessage:
+        return AIMessage(REPLY)
+
+
+class CountingStore:
+    """Wraps a snapshot store and counts the record bytes it is asked to commit."""
+
+    def __init__(self, inner: SnapshotStore) -> None:
+        self.inner = inner
+        self.bytes = 0
+        self.commits = 0
+
+    async def __aenter__(self) -> Self:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.inner.__aexit__(et, e, tb)
+
+    async def commit(self, request: CommitRequest) -> None:
+        self.bytes += len(request.step) + len(request.full or b"")
+        self.commits += 1
+        await self.inner.commit(request)
+
+    async def acquire(self, thread_id: str) -> int:
+        return await self.inner.acquire(thread_id)
+
+    async def load(self, thread_id: str) -> StoredThread | None:
+        return await self.inner.load(thread_id)
+
+    async def read_steps(
+        self, thread_id: str, start: int = 1, stop: int | None = None
+    ) -> list[bytes]:
+        return await self.inner.read_steps(thread_id, start, stop)
+
+    async def threads(self) -> list[str]:
+        return await self.inner.threads()
+
+    async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
+        return await self.inner.delete(thread_id, epoch=epoch)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None = None) -> Iterator[str]:
+    """A private redis-server (append-only, fsync always) unless ``url`` is given."""
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found: install it or pass --redis-url")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                tmp,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(500):
+                with contextlib.suppress(redis.ConnectionError):
+                    if client.ping():
+                        break
+                time.sleep(0.01)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def median_window(values: Sequence[float], turn: int, half: int = 4) -> float:
+    """Median of the values of turns ``turn-half .. turn+half`` (1-based, clipped)."""
+    lo, hi = max(1, turn - half), min(len(values), turn + half)
+    return statistics.median(values[lo - 1 : hi])
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(r) for r in cells[1:]]
+    )
+
+
+def temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="threadline-bench-"))
