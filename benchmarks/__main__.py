@@ -47,9 +47,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             results = [await _history.run("sqlite", turns)]
             results.append(await _history.run("redis", turns, redis_url=url))
         report["w1"] = results
-        print(
-            f"\n## W1 history growth: one thread, {turns} turns (200-char message, 200-char reply)\n"
-        )
+        print(f"\n## W1 history growth: one thread, {turns} turns (200-char messages)\n")
         print(_w1_table(results))
     return report
 
