@@ -167,7 +167,9 @@ class ActorSystem(Generic[S]):
         finally:
             self._stack = self._tg = None
             self._actors.clear()
-            await stack.__aexit__(exc_type, exc, tb)
+            # Not handing the body's exception to the task group keeps it from
+            # being wrapped in an ExceptionGroup: callers catch what they raised.
+            await stack.__aexit__(None, None, None)
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         assert self._tg is not None

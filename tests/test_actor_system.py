@@ -429,3 +429,41 @@ async def test_shutdown_timeout_parks_the_turn_durably_and_it_resumes() -> None:
         result = await again.ask("t", "next")
         # The parked turn finished first (once), then the new message ran.
         assert [m.content for m in result.messages] == ["hi", "echo: hi", "next", "echo: next"]
+
+
+async def test_errors_leave_the_system_block_unwrapped() -> None:
+    with pytest.raises(InvalidThreadIdError):
+        async with ActorSystem(Agent(model=ScriptedModel(echo))) as system:
+            await system.ask("", "hi")
+
+
+async def test_resources_reach_tools_and_context_survives_a_parked_turn() -> None:
+    seen: list[tuple[str, str]] = []
+    gate = anyio.Event()
+
+    async def whoami(runtime: ToolRuntime[Ctx, AgentState]) -> str:
+        """Report the caller."""
+        seen.append((runtime.context.user_name, runtime.resources["db"]))
+        if len(seen) == 1:
+            await gate.wait()  # first process: parked here by a short shutdown
+        return runtime.context.user_name
+
+    def script(request: ModelRequest[Any]) -> AIMessage | str:
+        if isinstance(request.messages[-1], HumanMessage):
+            return AIMessage("", tool_calls=[ToolCall(id="w", name="whoami", args={})])
+        return f"you are {request.messages[-1].content}"
+
+    agent = Agent(model=ScriptedModel(script), tools=[whoami], context_schema=Ctx)
+    first = ActorSystem(agent, resources={"db": "pool-1"}, shutdown_timeout=0.05)
+    async with first:
+        first.tell_nowait("t", "who am i?", context=Ctx("Ann"))
+        with anyio.fail_after(5):
+            while not seen:
+                await anyio.sleep(0.01)
+    async with ActorSystem(agent, snapshots=first.snapshots, resources={"db": "pool-2"}) as again:
+        assert (await again.get_state("t")).next == "tools"
+        result = await again.ask("t", "and now?", context=Ctx("Bo"))
+    # The parked turn resumed with its own context, on the new system's resources.
+    assert seen[:2] == [("Ann", "pool-1"), ("Ann", "pool-2")]
+    texts = [m.content for m in result.messages if isinstance(m, AIMessage)]
+    assert texts == ["", "you are Ann", "", "you are Bo"]
