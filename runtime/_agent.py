@@ -38,12 +38,31 @@ _GOTO = ("model", "tools", "end")
 def _merge_schema(
     base: type[AgentState], middleware: Sequence[AgentMiddleware]
 ) -> type[AgentState]:
-    extra = [m.state_schema for m in middleware if m.state_schema is not None]
-    bases = [base] + [e for e in extra if not issubclass(base, e)]
-    if len(bases) == 1:
+    """The user's schema plus the fields middleware schemas add.
+
+    A new Struct subclassing ``base`` (so states stay instances of the user's
+    class); Structs with fields cannot be combined by multiple inheritance.
+    """
+    have = set(base.__struct_fields__)
+    extra: list[Any] = []
+    for schema in (m.state_schema for m in middleware if m.state_schema is not None):
+        for f in msgspec.structs.fields(schema):
+            if f.name in have:
+                continue
+            have.add(f.name)
+            if f.default is not msgspec.NODEFAULT:
+                extra.append((f.name, f.type, msgspec.field(default=f.default)))
+            elif f.default_factory is not msgspec.NODEFAULT:
+                extra.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+            else:
+                extra.append((f.name, f.type))
+    if not extra:
         return base
     return cast(
-        type[AgentState], type(f"{base.__name__}WithMiddleware", tuple(dict.fromkeys(bases)), {})
+        type[AgentState],
+        msgspec.defstruct(
+            base.__name__, extra, bases=(base,), kw_only=True, module=base.__module__
+        ),
     )
 
 
