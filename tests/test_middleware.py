@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
-
 from threadline.actors import (
     AgentState,
     AIMessage,
@@ -316,7 +316,7 @@ async def test_bad_hook_results_fail_the_turn_naming_the_hook(returned: Any, nee
 async def test_raising_hook_fails_the_turn_and_the_thread_serves_the_next_message() -> None:
     @before_agent
     async def explode(state: AgentState, runtime: Runtime[Any]) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         if state.messages[-1].content == "boom":
             raise RuntimeError("hook failed")
 
