@@ -1,12 +1,18 @@
-"""Shared pieces: a private redis-server, a byte-counting store, tables, fake model."""
+"""Shared pieces: a private redis-server, a byte-counting store, tables, fake model,
+progress on stderr, percentiles."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import logging
+import math
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +21,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import redis
+import structlog
+
 from threadline.actors import AIMessage
 from threadline.persistence import CommitRequest, SnapshotStore, StoredThread
 from threadline.runtime import ModelRequest
@@ -144,3 +152,85 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="threadline-bench-"))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100, nearest rank) of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def sqlite_files_size(path: Path) -> int:
+    """Bytes of a SQLite database and its ``-wal``/``-shm`` files (those that exist)."""
+    return sum(
+        p.stat().st_size
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+        if p.exists()
+    )
+
+
+class Progress:
+    """Reports ``label: 30% (n/total) 1.2 s`` on stderr at every 10% of ``total``."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = max(total, 1)
+        self.done = 0
+        self._next = 1
+        self._start = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        tenth = self.done * 10 // self.total
+        if tenth >= self._next:
+            self._next = tenth + 1
+            elapsed = time.perf_counter() - self._start
+            print(
+                f"  {self.label}: {min(tenth, 10) * 10}% ({self.done}/{self.total}) {elapsed:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def note(text: str) -> None:
+    """A progress line on stderr."""
+    print(text, file=sys.stderr, flush=True)
+
+
+PEER_MODULES = ("langgraph.graph", "langgraph.checkpoint.sqlite.aio", "langchain_core.messages")
+
+
+def peer_unavailable() -> str | None:
+    """Why the LangGraph peer cannot run here (None if it can)."""
+    try:
+        for name in PEER_MODULES:
+            importlib.import_module(name)
+    except ImportError as exc:
+        return f"langgraph is not importable ({exc}); install it with pip install -e '.[bench]'"
+    return None
+
+
+def peer_redis_status(url: str) -> str:
+    """Why LangGraph's Redis checkpointer is not in the tables, checked on the server."""
+    client = redis.Redis.from_url(url)
+    try:
+        version = client.info("server").get("redis_version", "?")
+        try:
+            modules = sorted(str(m.get(b"name", m.get("name", "?"))) for m in client.module_list())
+        except redis.ResponseError:
+            modules = []
+    finally:
+        client.close()
+    installed = importlib.util.find_spec("langgraph.checkpoint.redis") is not None
+    return (
+        "not run: LangGraph's Redis checkpointer (langgraph-checkpoint-redis) needs the "
+        f"RediSearch and RedisJSON modules; this redis-server {version} has "
+        f"{', '.join(modules) if modules else 'no modules'} loaded"
+        f" (langgraph-checkpoint-redis {'installed' if installed else 'not installed'})"
+    )
+
+
+def quiet_logs() -> None:
+    """Only warnings and errors from threadline's structlog loggers."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -15,6 +15,7 @@ import zlib
 from typing import Any, Final, Generic, TypeVar
 
 import msgspec
+
 from threadline.actors import AgentState, SnapshotCorruptError, SnapshotFormatError
 from threadline.actors._records import FullRecord, StepRecord
 from threadline.actors._state import schema_info

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 import msgspec
+
 from threadline.actors import ConflictError, FencedError
 
 

@@ -7,6 +7,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import msgspec
+
 from threadline.actors import (
     AgentState,
     AIMessage,

@@ -12,6 +12,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 import structlog
+
 from threadline.actors import AIMessage, ThreadlineError, ThreadNotFoundError, ToolMessage
 
 from ._agent import Agent

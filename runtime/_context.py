@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
+
 from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
+
 from threadline.actors import AIMessage, HumanMessage, ToolCall, ToolMessage
 from threadline.actors._messages import new_id
 

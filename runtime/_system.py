@@ -16,6 +16,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskGroup
+
 from threadline.actors import (
     AgentState,
     InvalidInputError,

@@ -14,6 +14,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import msgspec
+
 from threadline.actors import InvalidInputError
 
 from ._context import ToolRuntime

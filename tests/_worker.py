@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import structlog
+
 from threadline.actors import AIMessage, HumanMessage, PersistenceError, ToolCall, ToolMessage
 from threadline.persistence import RedisSnapshotStore, SnapshotStore, SqliteSnapshotStore
 from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel

@@ -9,6 +9,7 @@ import anyio
 import msgspec
 import pytest
 import structlog
+
 from threadline.actors import (
     AgentState,
     AIMessage,

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import pytest
 import redis
+
 from threadline.actors import (
     AIMessage,
     FencedError,

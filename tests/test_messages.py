@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from threadline.actors import (
     REMOVE_ALL_MESSAGES,
     AgentState,

@@ -7,6 +7,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+
 from threadline.actors import (
     AgentState,
     AIMessage,
