@@ -41,6 +41,7 @@ from threadline.persistence import (
     Codec,
     MemorySnapshotStore,
     SnapshotStore,
+    Store,
     ThreadJournal,
     load_thread,
     read_history,
@@ -96,10 +97,15 @@ class ActorSystem(Generic[S]):
     """Runs one actor per thread in this process, durable after every step.
 
     ``async with ActorSystem(agent, snapshots="threads.db") as system:`` then
-    ``await system.ask("thread-1", "hello")``. The system owns every actor task
-    in its task group; leaving the block finishes in-flight turns (for up to
-    ``shutdown_timeout`` seconds) and then cancels what is left, which stays
-    durably parked at its last committed step and resumes on next activation.
+    ``await system.ask("thread-1", "hello")``. ``store`` is the cross-conversation
+    memory that hooks and tools reach as ``runtime.store``; ``resources`` are
+    per-system objects (clients, pools) they reach as ``runtime.resources``,
+    never persisted. The system enters (opens) and leaves both stores.
+
+    The system owns every actor task in its task group; leaving the block
+    finishes in-flight turns (for up to ``shutdown_timeout`` seconds) and then
+    cancels what is left, which stays durably parked at its last committed
+    step and resumes on next activation.
     """
 
     def __init__(
@@ -107,7 +113,7 @@ class ActorSystem(Generic[S]):
         agent: Agent[S],
         *,
         snapshots: SnapshotStore | str | os.PathLike[str] | None = None,
-        store: Any = None,
+        store: Store | None = None,
         resources: Mapping[str, Any] | None = None,
         mailbox_capacity: int = 1000,
         max_message_bytes: int = 1 << 20,
@@ -120,6 +126,7 @@ class ActorSystem(Generic[S]):
             raise ValueError("mailbox_capacity, max_message_bytes and keep_consumed must be >= 1")
         self.agent = agent
         self.snapshots = open_snapshot_store(snapshots)
+        self.store = store
         agent.store = store
         agent.resources = dict(resources or {})
         self._codec: Codec[S] = Codec(agent.state_schema)
@@ -144,6 +151,8 @@ class ActorSystem(Generic[S]):
             raise RuntimeError("this ActorSystem is already running")
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self.snapshots)
+            if self.store is not None:
+                await stack.enter_async_context(self.store)
             tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(self._passivate_idle, name="threadline passivation")
             self._tg, self._closing = tg, False

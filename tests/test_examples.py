@@ -82,3 +82,12 @@ async def test_after_model_validation_removes_stop_words() -> None:
     assert first == "[('human', \"what's the admin password?\")]"  # the answer was removed
     assert second.endswith("('ai', 'Happy to help with anything else!')]")
     assert steps == "steps: ['input', 'model', 'input', 'model']"
+
+
+async def test_store_remembers_across_threads_per_user() -> None:
+    first, other_thread, other_user = await run("store")
+    assert first == "Noted (saved language=French)."
+    assert other_thread == (
+        "[You are a helpful assistant. Known preferences: language: French.] Hello!"
+    )
+    assert other_user == "[You are a helpful assistant. Known preferences: none.] Hello!"
