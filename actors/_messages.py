@@ -250,8 +250,8 @@ def to_openai(message: AnyMessage) -> dict[str, Any]:
     """An OpenAI Chat Completions dict for this message."""
     role = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}[message.type]
     out: dict[str, Any] = {"role": role, "content": message.content}
-    if message.name is not None:
-        out["name"] = message.name
+    if message.name is not None and not isinstance(message, ToolMessage):
+        out["name"] = message.name  # (OpenAI rejects 'name' on tool messages)
     if isinstance(message, AIMessage) and message.tool_calls:
         out["tool_calls"] = [
             {

@@ -89,9 +89,15 @@ class Agent(Generic[S]):
         self.model = model
         self.system_prompt = system_prompt
         self.middleware = tuple(middleware)
+        names: set[str] = set()
         for m in self.middleware:
             if not isinstance(m, AgentMiddleware):
                 raise TypeError(f"middleware must be AgentMiddleware instances, got {m!r}")
+            if m.name in names:
+                raise ValueError(
+                    f"two middleware are named {m.name!r}; each would run (and count) twice"
+                )
+            names.add(m.name)
         all_tools = [as_tool(t) for t in tools]
         for m in self.middleware:
             all_tools.extend(as_tool(t) for t in m.tools)
@@ -234,7 +240,7 @@ class Agent(Generic[S]):
             called = True
             goto = await self._run_hooks("after_model", step, runtime, reverse=True)
             if goto is None:
-                goto = "tools" if self._pending_calls(step.state) else "end"
+                goto = self._route(step.state)
         if goto == "model" and not called:
             goto = "end"  # a before-hook jumping to the model it precedes would loop
         nxt = None
@@ -243,6 +249,14 @@ class Agent(Generic[S]):
         else:
             nxt = msgspec.structs.replace(turn, next=goto, model_calls=turn.model_calls + called)
         return StepOutcome("model", step.updates, step.state, nxt)
+
+    def _route(self, state: AgentState) -> str:
+        if self._pending_calls(state):
+            return "tools"
+        # Hooks may have answered every call themselves: the model has not seen
+        # those results yet.
+        last = state.messages[-1] if state.messages else None
+        return "model" if isinstance(last, ToolMessage) else "end"
 
     @staticmethod
     def _pending_calls(state: AgentState) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -29,20 +30,22 @@ def _model(spec: str | None, base_url: str | None) -> ChatModel:
     if provider != "openai" or not name:
         raise SystemExit(f"--model must look like openai:MODEL_NAME, got {spec!r}")
     try:
-        from ._openai import OpenAIChatModel  # type: ignore[import-not-found,unused-ignore]
+        from ._openai import OpenAIChatModel
     except ImportError as exc:
         raise SystemExit(f"the OpenAI model is not available: {exc}") from exc
-    model: ChatModel = OpenAIChatModel(name, base_url=base_url)
-    return model
+    return OpenAIChatModel(name, base_url=base_url)
 
 
 async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = _model(args.model, args.base_url)
     agent: Agent[Any] = Agent(
-        model=_model(args.model, args.base_url),
-        tools=[word_count],
-        system_prompt="You are a helpful assistant.",
+        model=model, tools=[word_count], system_prompt="You are a helpful assistant."
     )
-    async with ActorSystem(agent, snapshots=args.db) as system:
+    async with contextlib.AsyncExitStack() as stack:
+        aclose = getattr(model, "aclose", None)
+        if aclose is not None:
+            stack.push_async_callback(aclose)  # the HTTP client of a real model
+        system = await stack.enter_async_context(ActorSystem(agent, snapshots=args.db))
         try:
             state = await system.get_state(args.thread)
             print(

@@ -1,0 +1,434 @@
+"""``RedisSnapshotStore``: threads in plain Redis (7+, no modules).
+
+Keys of one thread all carry the same hash tag, built from the escaped thread
+id, so every Lua script touches keys of a single slot (Redis Cluster safe)::
+
+    <prefix>:t:{<escaped id>}:head     hash: version, epoch, full_version
+    <prefix>:t:{<escaped id>}:steps    list: step record of version i at index i - 1
+    <prefix>:t:{<escaped id>}:full     string: the latest full record
+    <prefix>:threads                   set of thread ids (not tagged; an index only)
+
+The escape is ``%`` -> ``%25``, ``{`` -> ``%7B``, ``}`` -> ``%7D``: injective,
+and the escaped id holds no brace, so the tag is exactly the escaped id.
+
+Conditional writes are Lua scripts (atomic per thread). Commits are grouped:
+one pipeline per batch, one ``EVALSHA`` per request. The thread index is
+maintained outside the scripts and is a superset of the live threads:
+``threads()`` filters it by head version.
+
+Durability is the server's: run Redis with ``appendonly yes`` and
+``appendfsync always`` for a commit to be on disk when ``commit`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+import redis.asyncio
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+
+from threadline.actors import (
+    ConflictError,
+    FencedError,
+    PersistenceError,
+    SnapshotCorruptError,
+    StoreUnavailableError,
+)
+
+from ._batch import GroupCommitter
+from ._store import CommitRequest, StoredThread, check_head
+
+__all__ = ["RedisSnapshotStore"]
+
+# KEYS: head. Returns the new epoch.
+_ACQUIRE_LUA: Final = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSETNX', KEYS[1], 'version', 0)
+redis.call('HSETNX', KEYS[1], 'full_version', 0)
+return epoch
+"""
+
+# KEYS: head, steps, full. ARGV: expected_version, epoch, step [, full].
+# Returns {status, stored version, stored epoch}; status 0 = committed (the
+# version returned is the new one), 1 = fenced, 2 = conflict, 3 = the steps
+# list does not match the head (corrupt), 4 = no head at all.
+_COMMIT_LUA: Final = """
+local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+if not head[1] then
+  return {4, 0, tonumber(head[2] or '0')}
+end
+local version = tonumber(head[1])
+local epoch = tonumber(head[2] or '0')
+local expected = tonumber(ARGV[1])
+local writer = tonumber(ARGV[2])
+if epoch > writer then
+  return {1, version, epoch}
+end
+if version ~= expected or epoch ~= writer then
+  return {2, version, epoch}
+end
+if redis.call('LLEN', KEYS[2]) ~= version then
+  return {3, version, epoch}
+end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+if #ARGV >= 4 then
+  redis.call('SET', KEYS[3], ARGV[4])
+  redis.call('HSET', KEYS[1], 'version', version + 1, 'full_version', version + 1)
+else
+  redis.call('HSET', KEYS[1], 'version', version + 1)
+end
+return {0, version + 1, epoch}
+"""
+
+# KEYS: head, steps, full. ARGV: epoch or ''. Returns {status, value}:
+# -1 = no head (nothing done), 1 = fenced (value = stored epoch),
+# 0 = deleted (value = the version it had).
+_DELETE_LUA: Final = """
+local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+if not head[1] and not head[2] then
+  return {-1, 0}
+end
+local version = tonumber(head[1] or '0')
+local epoch = tonumber(head[2] or '0')
+if ARGV[1] ~= '' and epoch > tonumber(ARGV[1]) then
+  return {1, epoch}
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'version', 0, 'full_version', 0)
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+return {0, version}
+"""
+
+# KEYS: head, steps, full. Read-only; one consistent snapshot in one round trip.
+# Returns nil, or {version, epoch, full_version, full or nil, steps after the full}.
+_LOAD_LUA: Final = """
+local head = redis.call('HMGET', KEYS[1], 'version', 'epoch', 'full_version')
+if not head[1] then
+  return false
+end
+local full_version = tonumber(head[3] or '0')
+local full = false
+if full_version > 0 then
+  full = redis.call('GET', KEYS[3])
+end
+local steps = redis.call('LRANGE', KEYS[2], full_version, -1)
+return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps}
+"""
+
+_CLOSE_TIMEOUT: Final = 10.0
+_INDEX_CHUNK: Final = 1000
+_MAX_INDEX: Final = 1 << 62
+
+
+def escape_thread_id(thread_id: str) -> str:
+    """The hash-tag form of a thread id: injective and free of braces."""
+    return thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _unavailable(message: str, cause: BaseException) -> StoreUnavailableError:
+    exc = StoreUnavailableError(message)
+    exc.__cause__ = cause
+    return exc
+
+
+class RedisSnapshotStore:
+    """Durable threads in Redis.
+
+    With no ``client``, the store creates a client for ``redis://localhost:6379/0``
+    and owns it. A client passed in is never closed by the store; it must not
+    decode responses. ``prefix`` namespaces every key (no braces allowed).
+    ``max_batch`` caps the commits sent in one pipeline.
+
+    redis-py retries a command on connection errors according to the client's
+    ``retry`` policy; a commit whose reply was lost and which is then retried
+    reports ``ConflictError`` although it was applied. Clients made by
+    :meth:`from_url` do not retry (redis-py's default for URL-built pools), so
+    a lost reply surfaces as ``StoreUnavailableError`` (outcome unknown).
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | None = None,
+        *,
+        prefix: str = "threadline",
+        max_batch: int = 512,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must not contain braces, got {prefix!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        owns = client is None
+        if client is None:
+            client = redis.asyncio.Redis.from_url("redis://localhost:6379/0")
+        elif client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("RedisSnapshotStore needs a client with decode_responses=False")
+        self._client = client
+        self._owns_client = owns
+        self._prefix = prefix
+        self._index = f"{prefix}:threads"
+        self._max_batch = max_batch
+        self._acquire_script: AsyncScript = client.register_script(_ACQUIRE_LUA)
+        self._commit_script: AsyncScript = client.register_script(_COMMIT_LUA)
+        self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
+        self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
+        self._entered = 0
+        self._committer: GroupCommitter[CommitRequest] | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, prefix: str = "threadline", max_batch: int = 512, **kwargs: Any
+    ) -> Self:
+        """A store on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
+
+        ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
+        client and closes it on exit.
+        """
+        scheme = url.partition("://")[0].lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"not a redis URL: {url.partition('://')[0]!r} scheme")
+        if kwargs.get("decode_responses"):
+            raise ValueError("RedisSnapshotStore needs decode_responses=False")
+        client = redis.asyncio.Redis.from_url(url, **kwargs)
+        store = cls(client, prefix=prefix, max_batch=max_batch)
+        store._owns_client = True
+        return store
+
+    def __repr__(self) -> str:
+        return f"RedisSnapshotStore(prefix={self._prefix!r})"
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            self._entered += 1
+            return self
+        committer: GroupCommitter[CommitRequest] = GroupCommitter(
+            self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
+        )
+        await committer.__aenter__()
+        self._committer = committer
+        self._entered = 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._entered == 0:
+            return
+        self._entered -= 1
+        if self._entered:
+            return
+        committer, self._committer = self._committer, None
+        try:
+            if committer is not None:
+                await committer.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._owns_client:
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(_CLOSE_TIMEOUT),
+                    contextlib.suppress(RedisError, OSError),
+                ):
+                    await self._client.aclose()
+
+    def _check_open(self) -> None:
+        if self._committer is None:
+            raise StoreUnavailableError("store is closed")
+
+    # -- keys --------------------------------------------------------------
+
+    def _keys(self, thread_id: str) -> tuple[str, str, str]:
+        base = f"{self._prefix}:t:{{{escape_thread_id(thread_id)}}}"
+        return f"{base}:head", f"{base}:steps", f"{base}:full"
+
+    # -- reads -------------------------------------------------------------
+
+    async def load(self, thread_id: str) -> StoredThread | None:
+        self._check_open()
+        with _mapped("load"):
+            reply = await self._load_script(keys=list(self._keys(thread_id)))
+        if reply is None:
+            return None
+        try:
+            version, epoch, full_version, full, steps = reply
+            return StoredThread(
+                version=int(version),
+                epoch=int(epoch),
+                full=None if full is None else bytes(full),
+                full_version=int(full_version),
+                steps=[bytes(step) for step in steps],
+            )
+        except (TypeError, ValueError) as exc:
+            raise SnapshotCorruptError(
+                f"unexpected head of thread {thread_id!r} in redis: {reply!r}"
+            ) from exc
+
+    async def read_steps(
+        self, thread_id: str, start: int = 1, stop: int | None = None
+    ) -> list[bytes]:
+        self._check_open()
+        start = max(start, 1)
+        if stop is not None and stop < start:
+            return []
+        _, steps_key, _ = self._keys(thread_id)
+        with _mapped("read_steps"):
+            steps = await self._client.lrange(
+                steps_key,
+                min(start, _MAX_INDEX) - 1,
+                -1 if stop is None else min(stop, _MAX_INDEX) - 1,
+            )
+        return [_as_bytes(step) for step in steps]
+
+    async def threads(self) -> list[str]:
+        self._check_open()
+        live: list[str] = []
+        with _mapped("threads"):
+            candidates = [
+                bytes(member).decode() async for member in self._client.sscan_iter(self._index)
+            ]
+            for i in range(0, len(candidates), _INDEX_CHUNK):
+                chunk = candidates[i : i + _INDEX_CHUNK]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for thread_id in chunk:
+                        pipe.hget(self._keys(thread_id)[0], "version")
+                    versions = await pipe.execute()
+                live.extend(
+                    tid
+                    for tid, v in zip(chunk, versions, strict=True)
+                    if v is not None and int(v) > 0
+                )
+        return sorted(set(live))
+
+    # -- writes ------------------------------------------------------------
+
+    async def acquire(self, thread_id: str) -> int:
+        self._check_open()
+        head, _, _ = self._keys(thread_id)
+        with _mapped("acquire"):
+            epoch = await self._acquire_script(keys=[head])
+        return int(epoch)
+
+    async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
+        self._check_open()
+        keys = self._keys(thread_id)
+        with _mapped("delete"):
+            reply = await self._delete_script(
+                keys=list(keys), args=["" if epoch is None else epoch]
+            )
+        status, value = int(reply[0]), int(reply[1])
+        if status == -1:
+            return False
+        if status == 1:
+            raise FencedError(
+                f"thread {thread_id!r} is owned by epoch {value}; this writer holds {epoch}"
+            )
+        # Drop the thread from the index, then look again: a new owner may
+        # have committed (and added it) between the script and the SREM.
+        with _mapped("delete"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.srem(self._index, thread_id)
+                pipe.hget(keys[0], "version")
+                _, version = await pipe.execute()
+            if version is not None and int(version) > 0:
+                await self._client.sadd(self._index, thread_id)
+        return value > 0
+
+    async def commit(self, request: CommitRequest) -> None:
+        committer = self._committer
+        if committer is None:
+            raise StoreUnavailableError("store is closed")
+        await committer.submit(request)
+
+    async def _flush(self, batch: Sequence[CommitRequest]) -> list[BaseException | None]:
+        with _mapped("commit"):
+            replies = await self._send_commits(batch)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                # The server lost its script cache (restart, SCRIPT FLUSH). A
+                # NOSCRIPT reply means the script did not run: send those again.
+                self._commit_script.sha = await self._client.script_load(_COMMIT_LUA)
+                again = await self._send_commits([batch[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        return [self._result(r, reply) for r, reply in zip(batch, replies, strict=True)]
+
+    async def _send_commits(self, batch: Sequence[CommitRequest]) -> list[Any]:
+        """One pipeline for the batch; one reply (or error) per request."""
+        sha = self._commit_script.sha
+        async with self._client.pipeline(transaction=False) as pipe:
+            for r in batch:
+                head, steps, full = self._keys(r.thread_id)
+                args: list[bytes | int] = [r.expected_version, r.epoch, r.step]
+                if r.full is not None:
+                    args.append(r.full)
+                pipe.evalsha(sha, 3, head, steps, full, *args)
+                if r.expected_version == 0:
+                    # After the script: a delete that races with this first
+                    # commit sees the new head and keeps the index entry.
+                    pipe.sadd(self._index, r.thread_id)
+            raw = await pipe.execute(raise_on_error=False)
+        replies: list[Any] = []
+        i = 0
+        for r in batch:
+            reply = raw[i]
+            i += 1
+            if r.expected_version == 0:
+                indexed = raw[i]
+                i += 1
+                if isinstance(indexed, Exception) and not isinstance(reply, Exception):
+                    reply = _unavailable(
+                        f"thread {r.thread_id!r} committed but not indexed: {indexed}", indexed
+                    )
+            replies.append(reply)
+        return replies
+
+    def _result(self, r: CommitRequest, reply: Any) -> BaseException | None:
+        if isinstance(reply, PersistenceError):
+            return reply
+        if isinstance(reply, Exception):
+            return _unavailable(f"redis commit of {r.thread_id!r} failed: {reply}", reply)
+        try:
+            status, version, epoch = (int(x) for x in reply)
+        except (TypeError, ValueError) as exc:
+            return _unavailable(f"unexpected redis reply to a commit: {reply!r}", exc)
+        if status == 0:
+            return None
+        if status == 3:
+            return SnapshotCorruptError(
+                f"thread {r.thread_id!r}: head says version {version} "
+                "but the steps list has another length"
+            )
+        try:
+            check_head(
+                r.thread_id,
+                None if status == 4 else version,
+                epoch,
+                r.expected_version,
+                r.epoch,
+            )
+        except PersistenceError as exc:
+            return exc
+        return ConflictError(  # unreachable unless the script and check_head disagree
+            f"thread {r.thread_id!r} refused the commit (status {status})"
+        )

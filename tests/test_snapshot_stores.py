@@ -1,0 +1,884 @@
+"""One conformance suite for every SnapshotStore (memory, sqlite, redis).
+
+``MemorySnapshotStore`` is the reference; the durable stores must behave the
+same, also when they group concurrent commits into one transaction/pipeline.
+Tests that need "a second process" open a second store object on the same
+file / server / key prefix (the memory store can only share its instance).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+import redis.asyncio
+
+from threadline.persistence import (
+    CommitRequest,
+    ConflictError,
+    FencedError,
+    PersistenceError,
+    RedisSnapshotStore,
+    SnapshotStore,
+    SqliteSnapshotStore,
+    StoredThread,
+    StoreUnavailableError,
+)
+from threadline.persistence._batch import GroupCommitter
+
+pytestmark = pytest.mark.anyio
+
+OpenStore = Callable[..., SnapshotStore]
+
+
+def req(
+    thread_id: str, expected: int, epoch: int, step: bytes | None = None, full: bytes | None = None
+) -> CommitRequest:
+    return CommitRequest(
+        thread_id=thread_id,
+        expected_version=expected,
+        epoch=epoch,
+        step=step if step is not None else f"{thread_id}/{expected + 1}".encode(),
+        full=full,
+    )
+
+
+def step(thread_id: str, version: int) -> bytes:
+    return f"{thread_id}/{version}".encode()
+
+
+async def fill(store: SnapshotStore, thread_id: str, n: int, epoch: int, start: int = 0) -> None:
+    for v in range(start, start + n):
+        await store.commit(req(thread_id, v, epoch))
+
+
+# -- the basics -------------------------------------------------------------------
+
+
+async def test_unknown_thread(snapshot_store: SnapshotStore) -> None:
+    assert await snapshot_store.load("nobody") is None
+    assert await snapshot_store.read_steps("nobody") == []
+    assert await snapshot_store.threads() == []
+    assert await snapshot_store.delete("nobody") is False
+    assert await snapshot_store.delete("nobody", epoch=3) is False
+    assert await snapshot_store.load("nobody") is None  # no tombstone for nothing
+
+
+async def test_acquire_increments_epochs(snapshot_store: SnapshotStore) -> None:
+    assert await snapshot_store.acquire("t") == 1
+    assert await snapshot_store.acquire("t") == 2
+    assert await snapshot_store.acquire("other") == 1
+    assert await snapshot_store.acquire("t") == 3
+    assert await snapshot_store.load("t") == StoredThread(
+        version=0, epoch=3, full=None, full_version=0, steps=[]
+    )
+    # A head without steps is not a thread yet.
+    assert await snapshot_store.threads() == []
+
+
+async def test_commits_append_versions(snapshot_store: SnapshotStore) -> None:
+    epoch = await snapshot_store.acquire("t")
+    await fill(snapshot_store, "t", 5, epoch)
+    expected = [step("t", v) for v in range(1, 6)]
+    assert await snapshot_store.load("t") == StoredThread(
+        version=5, epoch=epoch, full=None, full_version=0, steps=expected
+    )
+    assert await snapshot_store.read_steps("t") == expected
+    assert await snapshot_store.threads() == ["t"]
+    # Acquiring again keeps the records and only bumps the epoch.
+    again = await snapshot_store.acquire("t")
+    assert again == epoch + 1
+    loaded = await snapshot_store.load("t")
+    assert loaded is not None
+    assert (loaded.version, loaded.epoch, loaded.steps) == (5, again, expected)
+
+
+async def test_full_records_replace_older_ones(
+    snapshot_store: SnapshotStore, store_kind: str, tmp_path: Path
+) -> None:
+    epoch = await snapshot_store.acquire("t")
+    await snapshot_store.commit(req("t", 0, epoch))
+    await snapshot_store.commit(req("t", 1, epoch, full=b"full@2"))
+    loaded = await snapshot_store.load("t")
+    assert loaded == StoredThread(version=2, epoch=epoch, full=b"full@2", full_version=2, steps=[])
+
+    await snapshot_store.commit(req("t", 2, epoch))
+    await snapshot_store.commit(req("t", 3, epoch, full=b"full@4"))
+    await snapshot_store.commit(req("t", 4, epoch))
+    await snapshot_store.commit(req("t", 5, epoch))
+    assert await snapshot_store.load("t") == StoredThread(
+        version=6,
+        epoch=epoch,
+        full=b"full@4",
+        full_version=4,
+        steps=[step("t", 5), step("t", 6)],
+    )
+    # The steps before the full record are still there for history.
+    assert await snapshot_store.read_steps("t") == [step("t", v) for v in range(1, 7)]
+
+    if store_kind == "sqlite":
+        # Older full records are dropped, not just shadowed.
+        with sqlite3.connect(tmp_path / "threads.db") as db:
+            rows = db.execute("SELECT version, record FROM fulls WHERE thread_id = 't'").fetchall()
+        assert rows == [(4, b"full@4")]
+
+
+async def test_conflict_on_wrong_expected_version(snapshot_store: SnapshotStore) -> None:
+    epoch = await snapshot_store.acquire("t")
+    await fill(snapshot_store, "t", 2, epoch)
+    for expected in (0, 1, 3, 10):
+        with pytest.raises(ConflictError):
+            await snapshot_store.commit(req("t", expected, epoch, step=b"bad"))
+    # A writer with a *newer* epoch than the stored one conflicts (it is not fenced).
+    with pytest.raises(ConflictError):
+        await snapshot_store.commit(req("t", 2, epoch + 1, step=b"bad"))
+    # No head at all: a conflict as well.
+    with pytest.raises(ConflictError):
+        await snapshot_store.commit(req("never-acquired", 0, 1))
+    with pytest.raises(ConflictError):
+        await snapshot_store.commit(req("never-acquired", 0, 0))
+    loaded = await snapshot_store.load("t")
+    assert loaded is not None
+    assert (loaded.version, loaded.steps) == (2, [step("t", 1), step("t", 2)])
+    assert await snapshot_store.load("never-acquired") is None
+    assert await snapshot_store.threads() == ["t"]
+    # The thread goes on from where it was.
+    await snapshot_store.commit(req("t", 2, epoch))
+    assert await snapshot_store.read_steps("t", 3) == [step("t", 3)]
+
+
+async def test_newer_owner_fences_the_old_one(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    old = await snapshot_store.acquire("t")
+    await fill(snapshot_store, "t", 2, old)
+    async with open_store(store_kind) as other:  # a second process
+        new = await other.acquire("t")
+        assert new == old + 1
+        with pytest.raises(FencedError):
+            await snapshot_store.commit(req("t", 2, old))
+        with pytest.raises(FencedError):
+            await snapshot_store.delete("t", epoch=old)
+        await other.commit(req("t", 2, new, step=b"by the new owner"))
+    loaded = await snapshot_store.load("t")
+    assert loaded is not None
+    assert (loaded.version, loaded.epoch) == (3, new)
+    assert loaded.steps == [step("t", 1), step("t", 2), b"by the new owner"]
+    # Still fenced later on, whatever version the old owner claims.
+    with pytest.raises(FencedError):
+        await snapshot_store.commit(req("t", 3, old))
+
+
+async def test_delete_leaves_a_tombstone(snapshot_store: SnapshotStore) -> None:
+    epoch = await snapshot_store.acquire("t")
+    await fill(snapshot_store, "t", 3, epoch)
+    await snapshot_store.commit(req("t", 3, epoch, full=b"full"))
+    epoch_keep = await snapshot_store.acquire("keep")
+    await fill(snapshot_store, "keep", 1, epoch_keep)
+    assert await snapshot_store.threads() == ["keep", "t"]
+
+    assert await snapshot_store.delete("t", epoch=epoch) is True
+    assert await snapshot_store.load("t") == StoredThread(
+        version=0, epoch=epoch + 1, full=None, full_version=0, steps=[]
+    )
+    assert await snapshot_store.threads() == ["keep"]
+    assert await snapshot_store.read_steps("t") == []
+    # The old owner stays fenced out, even starting over from version 0.
+    with pytest.raises(FencedError):
+        await snapshot_store.commit(req("t", 0, epoch))
+    with pytest.raises(FencedError):
+        await snapshot_store.commit(req("t", 4, epoch))
+
+    fresh = await snapshot_store.acquire("t")
+    assert fresh == epoch + 2
+    await snapshot_store.commit(req("t", 0, fresh, step=b"reborn"))
+    assert await snapshot_store.load("t") == StoredThread(
+        version=1, epoch=fresh, full=None, full_version=0, steps=[b"reborn"]
+    )
+    assert await snapshot_store.read_steps("t") == [b"reborn"]
+    assert await snapshot_store.threads() == ["keep", "t"]
+
+    # Deleting without an epoch works for anyone; a thread without steps reports False.
+    assert await snapshot_store.delete("t") is True
+    assert await snapshot_store.delete("t") is False
+    loaded = await snapshot_store.load("t")
+    assert loaded is not None
+    assert (loaded.version, loaded.epoch) == (0, fresh + 2)
+    assert await snapshot_store.threads() == ["keep"]
+    loaded_keep = await snapshot_store.load("keep")
+    assert loaded_keep is not None
+    assert loaded_keep.steps == [step("keep", 1)]
+
+
+async def test_read_steps_ranges(snapshot_store: SnapshotStore) -> None:
+    epoch = await snapshot_store.acquire("t")
+    await fill(snapshot_store, "t", 4, epoch)
+    await snapshot_store.commit(req("t", 4, epoch, full=b"full@5"))
+    await fill(snapshot_store, "t", 5, epoch, start=5)
+    every = [step("t", v) for v in range(1, 11)]
+    assert await snapshot_store.read_steps("t") == every
+    assert await snapshot_store.read_steps("t", 1, None) == every
+    assert await snapshot_store.read_steps("t", 3, 5) == every[2:5]
+    assert await snapshot_store.read_steps("t", 0, 2) == every[:2]
+    assert await snapshot_store.read_steps("t", -5, 1) == every[:1]
+    assert await snapshot_store.read_steps("t", 7) == every[6:]
+    assert await snapshot_store.read_steps("t", 9, 20) == every[8:]
+    assert await snapshot_store.read_steps("t", 10, 10) == [every[9]]
+    assert await snapshot_store.read_steps("t", 11) == []
+    assert await snapshot_store.read_steps("t", 5, 4) == []
+    assert await snapshot_store.read_steps("t", 1, 0) == []
+    assert await snapshot_store.read_steps("t", 1, 2**70) == every
+    assert await snapshot_store.read_steps("t", 2**70) == []
+    assert await snapshot_store.read_steps("t", 1, -(2**70)) == []
+
+
+ODD_IDS = [
+    "a}b",
+    "a%7Db",
+    "a{b",
+    "a%7Bb",
+    "{",
+    "}",
+    "{}",
+    "}{",
+    "%",
+    "%25",
+    "%%7B",
+    "{a}",
+    "{a}:head",
+    "x:t:{y}:steps",
+    "a:b:c",
+    "with spaces ",
+    " ",
+    "ünïcødé 🧵",
+    "中文线程",
+    "*?[glob]*",
+    "a" * 1000,
+    "{" * 300 + "}" * 300 + "%" * 300,
+]
+
+
+async def test_odd_thread_ids_round_trip(snapshot_store: SnapshotStore) -> None:
+    assert len(set(ODD_IDS)) == len(ODD_IDS)
+    for i, thread_id in enumerate(ODD_IDS):
+        epoch = await snapshot_store.acquire(thread_id)
+        assert epoch == 1, thread_id  # no collision with an earlier id
+        await snapshot_store.commit(req(thread_id, 0, epoch, step=f"step {i}".encode()))
+        await snapshot_store.commit(
+            req(thread_id, 1, epoch, step=f"step {i}b".encode(), full=f"full {i}".encode())
+        )
+    assert await snapshot_store.threads() == sorted(ODD_IDS)
+    for i, thread_id in enumerate(ODD_IDS):
+        assert await snapshot_store.load(thread_id) == StoredThread(
+            version=2, epoch=1, full=f"full {i}".encode(), full_version=2, steps=[]
+        ), thread_id
+        assert await snapshot_store.read_steps(thread_id) == [
+            f"step {i}".encode(),
+            f"step {i}b".encode(),
+        ]
+    assert await snapshot_store.delete("a}b") is True
+    assert await snapshot_store.threads() == sorted(set(ODD_IDS) - {"a}b"})
+    assert await snapshot_store.read_steps("a%7Db") == [b"step 1", b"step 1b"]
+
+
+async def test_records_are_opaque_bytes(snapshot_store: SnapshotStore) -> None:
+    blobs = [b"", b"\x00", bytes(range(256)), b"\xff\xfe not utf-8 \x80", b"x" * 1_000_000]
+    epoch = await snapshot_store.acquire("bin")
+    for v, blob in enumerate(blobs):
+        await snapshot_store.commit(req("bin", v, epoch, step=blob))
+    await snapshot_store.commit(req("bin", len(blobs), epoch, step=b"\x00", full=b"\x00\xff"))
+    assert await snapshot_store.read_steps("bin") == [*blobs, b"\x00"]
+    loaded = await snapshot_store.load("bin")
+    assert loaded is not None
+    assert loaded.full == b"\x00\xff"
+
+
+# -- concurrency and group commit ------------------------------------------------
+
+
+async def test_many_concurrent_commits_are_all_durable(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    ids = [f"thread-{i:03d}" for i in range(200)]
+    steps_per_thread = 3
+    async with open_store(store_kind) as second:  # two "processes" writing at once
+
+        async def run(i: int, thread_id: str) -> None:
+            store = snapshot_store if i % 2 else second
+            epoch = await store.acquire(thread_id)
+            for v in range(steps_per_thread):
+                full = b"full" if v == 1 else None
+                await store.commit(req(thread_id, v, epoch, full=full))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i, thread_id in enumerate(ids):
+                    tg.start_soon(run, i, thread_id)
+
+    async with open_store(store_kind) as fresh:
+        assert await fresh.threads() == ids
+        for thread_id in ids:
+            loaded = await fresh.load(thread_id)
+            assert loaded == StoredThread(
+                version=3, epoch=1, full=b"full", full_version=2, steps=[step(thread_id, 3)]
+            )
+            assert await fresh.read_steps(thread_id) == [step(thread_id, v) for v in (1, 2, 3)]
+
+
+async def _run_one_batch(
+    store: SnapshotStore, requests: Sequence[CommitRequest]
+) -> list[BaseException | None]:
+    """Commit ``requests`` in this order; with a group-commit store, as ONE batch.
+
+    A first commit is held inside the flush while the others queue up behind
+    it, so they are all flushed together. Returns each request's outcome.
+    """
+    outcomes: list[BaseException | None] = [None] * len(requests)
+
+    async def one(i: int) -> None:
+        try:
+            await store.commit(requests[i])
+        except PersistenceError as exc:
+            outcomes[i] = exc
+
+    committer: GroupCommitter[CommitRequest] | None = getattr(store, "_committer", None)
+    if committer is None:  # the memory store commits on the spot
+        for i in range(len(requests)):
+            await one(i)
+        return outcomes
+
+    sizes: list[int] = []
+    gate = anyio.Event()
+    real_flush = committer._flush
+
+    async def gated_flush(items: Sequence[CommitRequest]) -> Sequence[BaseException | None]:
+        sizes.append(len(items))
+        await gate.wait()
+        return await real_flush(items)
+
+    committer._flush = gated_flush
+    try:
+        blocker_epoch = await store.acquire("blocker")
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.commit, req("blocker", 0, blocker_epoch))
+                await anyio.wait_all_tasks_blocked()
+                assert sizes == [1]
+                for i in range(len(requests)):
+                    tg.start_soon(one, i)
+                    await anyio.wait_all_tasks_blocked()  # keep the submission order
+                    assert len(committer._queue) == i + 1
+                gate.set()
+    finally:
+        committer._flush = real_flush
+    assert sizes == [1, len(requests)]
+    return outcomes
+
+
+async def _prepare_batch_threads(store: SnapshotStore) -> dict[str, int]:
+    epochs = {}
+    for thread_id in "ABCDEFGH":
+        epochs[thread_id] = await store.acquire(thread_id)
+        await store.commit(req(thread_id, 0, epochs[thread_id]))
+    epochs["C-old"] = epochs["C"]
+    epochs["C"] = await store.acquire("C")  # fences C-old
+    return epochs
+
+
+async def test_a_batch_of_good_commits(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    e = await _prepare_batch_threads(snapshot_store)
+    requests = [
+        req("A", 1, e["A"]),
+        req("B", 1, e["B"], full=b"B full@2"),
+        req("A", 2, e["A"]),  # the same thread twice in one batch, in order
+        req("C", 1, e["C"]),
+        req("B", 2, e["B"]),
+        req("A", 3, e["A"], full=b"A full@4"),
+    ]
+    assert await _run_one_batch(snapshot_store, requests) == [None] * len(requests)
+    async with open_store(store_kind) as fresh:
+        assert await fresh.load("A") == StoredThread(
+            version=4, epoch=e["A"], full=b"A full@4", full_version=4, steps=[]
+        )
+        assert await fresh.load("B") == StoredThread(
+            version=3, epoch=e["B"], full=b"B full@2", full_version=2, steps=[step("B", 3)]
+        )
+        assert await fresh.read_steps("A") == [step("A", v) for v in (1, 2, 3, 4)]
+        assert await fresh.read_steps("C") == [step("C", 1), step("C", 2)]
+
+
+async def test_a_batch_with_bad_commits_fails_only_those(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    e = await _prepare_batch_threads(snapshot_store)
+    requests = [
+        req("A", 1, e["A"]),  # 0 ok
+        req("B", 0, e["B"], step=b"stale"),  # 1 conflict: B is at 1
+        req("C", 1, e["C-old"], step=b"fenced"),  # 2 fenced
+        req("D", 1, e["D"], full=b"D full@2"),  # 3 ok
+        req("nobody", 0, 1),  # 4 conflict: no head
+        req("F", 1, e["F"], step=b"F first"),  # 5 ok
+        req("F", 1, e["F"], step=b"F second"),  # 6 conflict: F is at 2 by now
+        req("G", 1, e["G"]),  # 7 ok
+        req("G", 2, e["G"]),  # 8 ok, built on 7
+        req("H", 1, e["H"] + 1, step=b"future epoch"),  # 9 conflict (not fenced)
+        req("E", 5, e["E"], step=b"ahead"),  # 10 conflict
+        req("E", 1, e["E"]),  # 11 ok
+    ]
+    outcomes = await _run_one_batch(snapshot_store, requests)
+    kinds = [None if o is None else type(o) for o in outcomes]
+    assert kinds == [
+        None,
+        ConflictError,
+        FencedError,
+        None,
+        ConflictError,
+        None,
+        ConflictError,
+        None,
+        None,
+        ConflictError,
+        ConflictError,
+        None,
+    ]
+    # Each failure names its own thread.
+    for r, outcome in zip(requests, outcomes, strict=True):
+        if outcome is not None:
+            assert repr(r.thread_id) in str(outcome)
+
+    async with open_store(store_kind) as fresh:
+        versions = {}
+        for thread_id in "ABCDEFGH":
+            loaded = await fresh.load(thread_id)
+            assert loaded is not None
+            versions[thread_id] = loaded.version
+        assert versions == dict(A=2, B=1, C=1, D=2, E=2, F=2, G=3, H=1)
+        assert await fresh.read_steps("F") == [step("F", 1), b"F first"]
+        assert await fresh.read_steps("G") == [step("G", v) for v in (1, 2, 3)]
+        assert await fresh.read_steps("B") == [step("B", 1)]
+        assert await fresh.read_steps("C") == [step("C", 1)]
+        loaded_d = await fresh.load("D")
+        assert loaded_d is not None
+        assert (loaded_d.full, loaded_d.full_version) == (b"D full@2", 2)
+        assert await fresh.load("nobody") is None
+        assert "nobody" not in await fresh.threads()
+
+
+async def test_commit_after_close_is_refused(store_kind: str, open_store: OpenStore) -> None:
+    if store_kind == "memory":
+        pytest.skip("the memory store has nothing to close")
+    store = open_store(store_kind)
+    async with store:
+        epoch = await store.acquire("t")
+        await store.commit(req("t", 0, epoch))
+    with pytest.raises(StoreUnavailableError, match="closed"):
+        await store.commit(req("t", 1, epoch))
+    with pytest.raises(StoreUnavailableError):
+        await store.load("t")
+    # Nested entering: only the last exit closes.
+    async with store:
+        async with store:
+            await store.commit(req("t", 1, epoch))
+        await store.commit(req("t", 2, epoch))
+        assert await store.read_steps("t") == [step("t", v) for v in (1, 2, 3)]
+
+
+# -- sqlite specifics ------------------------------------------------------------------
+
+
+async def test_sqlite_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "private.db"
+    old_umask = os.umask(0)  # even with a permissive umask
+    try:
+        async with SqliteSnapshotStore(path) as store:
+            epoch = await store.acquire("t")
+            await store.commit(req("t", 0, epoch))
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            for suffix in ("-wal", "-shm"):
+                side = path.with_name(path.name + suffix)
+                assert side.exists()
+                assert stat.S_IMODE(side.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+
+
+async def test_sqlite_rejects_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        SqliteSnapshotStore(":memory:")
+    with pytest.raises(ValueError):
+        SqliteSnapshotStore(tmp_path / "x.db", synchronous="SOMETIMES")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SqliteSnapshotStore(tmp_path / "x.db", max_batch=0)
+
+
+async def test_sqlite_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailableError):
+        async with SqliteSnapshotStore(tmp_path / "missing-dir" / "x.db"):
+            pass
+    (tmp_path / "garbage.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreUnavailableError):
+        async with SqliteSnapshotStore(tmp_path / "garbage.db"):
+            pass
+
+
+async def test_sqlite_synchronous_setting_is_applied(tmp_path: Path) -> None:
+    path = tmp_path / "sync.db"
+    async with SqliteSnapshotStore(path, synchronous="NORMAL") as store:
+        writer = store._writer
+        assert writer is not None
+        assert list(await writer.execute_fetchall("PRAGMA synchronous")) == [(1,)]
+        assert list(await writer.execute_fetchall("PRAGMA journal_mode")) == [("wal",)]
+    async with SqliteSnapshotStore(path) as store:
+        writer = store._writer
+        assert writer is not None
+        assert list(await writer.execute_fetchall("PRAGMA synchronous")) == [(2,)]
+
+
+# -- redis specifics -------------------------------------------------------------------
+
+
+def _escape(thread_id: str) -> str:
+    return thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes, if it has a (non-empty) tag."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end < 0 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+@pytest.mark.redis
+async def test_redis_keys_of_a_thread_share_one_hash_tag(
+    redis_server: Any, redis_prefix: str, open_store: OpenStore
+) -> None:
+    ids = ["plain", "a{b}c", "}{", "{x}", "a}b", "a%7Db", "%", "ünï: c{o}de"]
+    async with open_store("redis") as store:
+        for thread_id in ids:
+            epoch = await store.acquire(thread_id)
+            await store.commit(req(thread_id, 0, epoch, full=b"full"))
+    raw = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+        members = await raw.smembers(f"{redis_prefix}:threads")
+        index_members = {m.decode() for m in members if isinstance(m, bytes)}
+    finally:
+        await raw.aclose()
+    assert index_members == set(ids)
+    by_tag: dict[str | None, set[str]] = {}
+    for key in keys:
+        by_tag.setdefault(_hash_tag(key), set()).add(key)
+    assert by_tag.pop(None) == {f"{redis_prefix}:threads"}
+    assert set(by_tag) == {_escape(thread_id) for thread_id in ids}
+    for thread_id in ids:
+        base = f"{redis_prefix}:t:{{{_escape(thread_id)}}}"
+        assert by_tag[_escape(thread_id)] == {f"{base}:head", f"{base}:steps", f"{base}:full"}
+
+
+@pytest.mark.redis
+async def test_redis_survives_kill_and_restart(redis_server: Any, open_store: OpenStore) -> None:
+    async with open_store("redis") as store:
+        epoch = await store.acquire("t")
+        await fill(store, "t", 3, epoch)
+        try:
+            redis_server.kill()
+            with anyio.fail_after(30):
+                with pytest.raises(StoreUnavailableError) as info:
+                    await store.commit(req("t", 3, epoch))
+                assert not isinstance(info.value, redis.RedisError)
+                assert isinstance(info.value.__cause__, Exception)
+                for call in (
+                    lambda: store.load("t"),
+                    lambda: store.acquire("t"),
+                    lambda: store.read_steps("t"),
+                    lambda: store.threads(),
+                    lambda: store.delete("t", epoch=epoch),
+                ):
+                    with pytest.raises(StoreUnavailableError) as info2:
+                        await call()
+                    assert not isinstance(info2.value, redis.RedisError)
+        finally:
+            redis_server.start()
+        # Same store, same client: it reconnects, reloads its scripts and the
+        # data written before the kill is there (appendfsync always).
+        with anyio.fail_after(30):
+            loaded = await store.load("t")
+            assert loaded is not None
+            assert loaded.version == 3
+            assert loaded.steps == [step("t", v) for v in (1, 2, 3)]
+            await store.commit(req("t", 3, epoch))
+            assert await store.read_steps("t") == [step("t", v) for v in (1, 2, 3, 4)]
+            assert await store.threads() == ["t"]
+
+
+async def _flush_scripts(url: str) -> None:
+    raw = redis.asyncio.Redis.from_url(url)
+    try:
+        await raw.script_flush()
+    finally:
+        await raw.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_reloads_flushed_scripts(redis_server: Any, open_store: OpenStore) -> None:
+    async with open_store("redis") as store:
+        epoch = await store.acquire("t")
+        await store.commit(req("t", 0, epoch))
+        await _flush_scripts(redis_server.url)
+        await store.commit(req("t", 1, epoch))
+        await _flush_scripts(redis_server.url)
+        with pytest.raises(ConflictError):
+            await store.commit(req("t", 1, epoch))
+        await _flush_scripts(redis_server.url)
+        assert await store.acquire("t") == epoch + 1
+        await _flush_scripts(redis_server.url)
+        loaded = await store.load("t")
+        assert loaded is not None
+        assert loaded.steps == [step("t", 1), step("t", 2)]
+        await _flush_scripts(redis_server.url)
+        assert await store.delete("t") is True
+
+
+@pytest.mark.redis
+async def test_redis_client_ownership(redis_server: Any, redis_prefix: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        async with RedisSnapshotStore(client, prefix=redis_prefix) as store:
+            epoch = await store.acquire("t")
+            await store.commit(req("t", 0, epoch))
+        assert await client.ping()  # a client passed in stays open
+        assert await client.hget(f"{redis_prefix}:t:{{t}}:head", "version") == b"1"
+    finally:
+        await client.aclose()
+
+    decoding = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        with pytest.raises(ValueError):
+            RedisSnapshotStore(decoding, prefix=redis_prefix)
+    finally:
+        await decoding.aclose()
+    with pytest.raises(ValueError):
+        RedisSnapshotStore.from_url("http://127.0.0.1:1/")
+    with pytest.raises(ValueError):
+        RedisSnapshotStore.from_url(redis_server.url, prefix="bad{prefix}")
+    store = RedisSnapshotStore.from_url(
+        redis_server.url.replace("redis://", "rediss://"), prefix=redis_prefix
+    )
+    assert isinstance(store, RedisSnapshotStore)  # accepted (not connected here)
+
+
+# -- the group committer itself ------------------------------------------------------
+
+
+def _recording_flush(
+    seen: list[list[int]], gate: anyio.Event | None = None
+) -> Callable[[Sequence[int]], Awaitable[list[BaseException | None]]]:
+    async def flush(items: Sequence[int]) -> list[BaseException | None]:
+        seen.append(list(items))
+        if gate is not None:
+            await gate.wait()
+        return [ConflictError(f"odd {i}") if i % 2 else None for i in items]
+
+    return flush
+
+
+async def test_group_committer_batches_what_queues_during_a_flush() -> None:
+    seen: list[list[int]] = []
+    gate = anyio.Event()
+    outcomes: dict[int, BaseException | None] = {}
+
+    async def submit(committer: GroupCommitter[int], i: int) -> None:
+        try:
+            await committer.submit(i)
+            outcomes[i] = None
+        except ConflictError as exc:
+            outcomes[i] = exc
+
+    with anyio.fail_after(10):
+        async with (
+            GroupCommitter(_recording_flush(seen, gate), max_batch=4) as committer,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(submit, committer, 0)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == [[0]]
+            for i in range(1, 11):
+                tg.start_soon(submit, committer, i)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()
+    assert seen == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert sorted(outcomes) == list(range(11))
+    for i, outcome in outcomes.items():
+        if i % 2:
+            assert isinstance(outcome, ConflictError)
+            assert str(outcome) == f"odd {i}"
+        else:
+            assert outcome is None
+
+
+async def test_group_committer_flush_failure_fails_the_whole_batch() -> None:
+    boom = RuntimeError("disk on fire")
+    calls = 0
+
+    async def flush(items: Sequence[int]) -> list[BaseException | None]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise boom
+        return [None] * len(items)
+
+    errors: list[StoreUnavailableError] = []
+
+    async def submit(committer: GroupCommitter[int], i: int) -> None:
+        try:
+            await committer.submit(i)
+        except StoreUnavailableError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with GroupCommitter(flush) as committer:
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(submit, committer, i)
+            assert len(errors) == 3
+            assert len({id(e) for e in errors}) == 3  # one exception object per submitter
+            assert all(e.__cause__ is boom for e in errors)
+            await committer.submit(99)  # the writer goes on
+    with pytest.raises(StoreUnavailableError, match="store is closed"):
+        await committer.submit(100)
+
+
+async def test_group_committer_survives_a_cancelled_submitter() -> None:
+    seen: list[list[int]] = []
+    gate = anyio.Event()
+    done: list[int] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def submit(committer: GroupCommitter[int], i: int) -> None:
+        await committer.submit(i)
+        done.append(i)
+
+    async def submit_then_give_up(committer: GroupCommitter[int], i: int) -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await committer.submit(i)
+            done.append(i)
+
+    with anyio.fail_after(10):
+        async with (
+            GroupCommitter(_recording_flush(seen, gate)) as committer,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(submit, committer, 0)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == [[0]]
+            tg.start_soon(submit, committer, 2)
+            tg.start_soon(submit_then_give_up, committer, 4)
+            await anyio.wait_all_tasks_blocked()
+            scopes[0].cancel()
+            tg.start_soon(submit, committer, 6)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()
+    assert sorted(done) == [0, 2, 6]
+    assert seen == [[0], [2, 4, 6]]  # 4 was still written
+
+
+async def test_group_committer_close_flushes_the_queue() -> None:
+    seen: list[list[int]] = []
+    results: dict[int, bool] = {}
+
+    async def slow_flush(items: Sequence[int]) -> list[BaseException | None]:
+        seen.append(list(items))
+        await anyio.sleep(0.05)
+        return [None] * len(items)
+
+    async def submit(committer: GroupCommitter[int], i: int) -> None:
+        await committer.submit(i)
+        results[i] = True
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, GroupCommitter(slow_flush) as committer:
+            for i in range(5):
+                tg.start_soon(submit, committer, i)
+            await anyio.wait_all_tasks_blocked()
+        # Closed while items were queued: they were flushed, not dropped.
+    assert results == dict.fromkeys(range(5), True)
+    assert sorted(i for batch in seen for i in batch) == list(range(5))
+
+
+async def test_group_committer_close_is_bounded() -> None:
+    async def stuck_flush(items: Sequence[int]) -> list[BaseException | None]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    errors: list[BaseException] = []
+
+    async def submit(committer: GroupCommitter[int]) -> None:
+        try:
+            await committer.submit(1)
+        except StoreUnavailableError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with (
+            anyio.create_task_group() as tg,
+            GroupCommitter(stuck_flush, close_timeout=0.2) as committer,
+        ):
+            tg.start_soon(submit, committer)
+            await anyio.wait_all_tasks_blocked()
+    assert len(errors) == 1
+    assert "outcome unknown" in str(errors[0])
+
+
+async def test_group_committer_cancelled_with_its_host_still_flushes_the_queue() -> None:
+    seen: list[list[int]] = []
+    first_started = anyio.Event()
+
+    async def flush(items: Sequence[int]) -> list[BaseException | None]:
+        seen.append(list(items))
+        if len(seen) == 1:
+            first_started.set()
+            await anyio.sleep_forever()  # in flight when the host is cancelled
+        return [None] * len(items)
+
+    outcomes: dict[int, BaseException | None] = {}
+
+    async def submit(committer: GroupCommitter[int], i: int) -> None:
+        try:
+            await committer.submit(i)
+            outcomes[i] = None
+        except StoreUnavailableError as exc:
+            outcomes[i] = exc
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as submitters:  # outside the cancelled scope
+            with anyio.CancelScope() as host:
+                async with GroupCommitter(flush) as committer:
+                    submitters.start_soon(submit, committer, 0)
+                    await first_started.wait()
+                    submitters.start_soon(submit, committer, 1)
+                    submitters.start_soon(submit, committer, 2)
+                    await anyio.wait_all_tasks_blocked()
+                    host.cancel()
+                    await anyio.sleep_forever()
+    assert host.cancelled_caught
+    assert seen == [[0], [1, 2]]
+    assert isinstance(outcomes[0], StoreUnavailableError)
+    assert "outcome unknown" in str(outcomes[0])
+    assert outcomes[1] is None
+    assert outcomes[2] is None
+    with pytest.raises(StoreUnavailableError, match="store is closed"):
+        await committer.submit(3)
