@@ -91,3 +91,12 @@ async def test_store_remembers_across_threads_per_user() -> None:
         "[You are a helpful assistant. Known preferences: language: French.] Hello!"
     )
     assert other_user == "[You are a helpful assistant. Known preferences: none.] Hello!"
+
+
+async def test_summarization_replaces_older_messages_with_a_summary() -> None:
+    text, count, summary = await run("summarization")
+    # The name was only in the summarized part: the summary carried it over.
+    assert text == "Your name is Bob!"
+    assert count == "4 messages in the thread"  # summary + the 2 kept + the answer
+    assert summary.startswith("Here is a summary of the conversation to date:")
+    assert summary.endswith("The user's name is Bob.")
