@@ -596,3 +596,26 @@ async def test_usage_without_a_total_is_summed(server: FakeOpenAI) -> None:
     async with OpenAIChatModel("m", base_url=server.url, stream=False) as model:
         message = await model.invoke(make_request(model, [HumanMessage("x")]))
     assert message.usage == {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}
+
+
+@pytest.mark.slow
+def test_cli_chat_uses_a_real_model_with_base_url(server: FakeOpenAI, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    server.script(Reply(events=sse_text("Hi from ", "the server")))
+    out = subprocess.run(
+        [sys.executable, "-m", "threadline.runtime._cli", "chat", "--thread", "t",
+         "--db", str(tmp_path / "chat.db"), "--model", "openai:gpt-test", "--base-url", server.url],
+        input="hello there\n", capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "ai> Hi from the server" in out.stdout
+    (seen,) = server.requests
+    assert seen.path == "/v1/chat/completions"
+    assert seen.body["model"] == "gpt-test"
+    assert seen.headers["authorization"] == "Bearer sk-test"
+    assert [m["role"] for m in seen.body["messages"]] == ["system", "user"]
+    assert seen.body["messages"][1]["content"] == "hello there"
+    assert seen.body["tools"][0]["function"]["name"] == "word_count"
