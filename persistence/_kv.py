@@ -262,6 +262,30 @@ def check_filter(filter: object) -> dict[str, Any] | None:
     return decode_value(encode_value(filter, what="filter"))
 
 
+def check_search(
+    namespace_prefix: object, filter: object, limit: object, offset: object
+) -> tuple[Namespace, dict[str, Any] | None, int, int]:
+    """``search``'s arguments checked, in order: the prefix, filter, limit, offset."""
+    return (
+        check_namespace(namespace_prefix, what="namespace_prefix", empty_ok=True),
+        check_filter(filter),
+        check_count(limit, "limit"),
+        check_count(offset, "offset"),
+    )
+
+
+def check_listing(
+    prefix: object, max_depth: object, limit: object, offset: object
+) -> tuple[Namespace, int | None, int, int]:
+    """``list_namespaces``'s arguments checked, in order (no prefix = ``()``)."""
+    return (
+        () if prefix is None else check_namespace(prefix, what="prefix", empty_ok=True),
+        check_max_depth(max_depth),
+        check_count(limit, "limit"),
+        check_count(offset, "offset"),
+    )
+
+
 def json_equal(a: object, b: object) -> bool:
     """Equality of decoded JSON values (numbers by value, booleans only to booleans)."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -444,10 +468,7 @@ class MemoryStore:
         limit: int = 10,
         offset: int = 0,
     ) -> list[Item]:
-        prefix = check_namespace(namespace_prefix, what="namespace_prefix", empty_ok=True)
-        wanted = check_filter(filter)
-        limit = check_count(limit, "limit")
-        offset = check_count(offset, "offset")
+        prefix, wanted, limit, offset = check_search(namespace_prefix, filter, limit, offset)
         self._purge(time.time())
         out: list[Item] = []
         skipped = 0
@@ -471,9 +492,6 @@ class MemoryStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Namespace]:
-        p = () if prefix is None else check_namespace(prefix, what="prefix", empty_ok=True)
-        depth = check_max_depth(max_depth)
-        limit = check_count(limit, "limit")
-        offset = check_count(offset, "offset")
+        p, depth, limit, offset = check_listing(prefix, max_depth, limit, offset)
         self._purge(time.time())
         return truncate_namespaces([ns for ns, _ in self._under(p)], depth, limit, offset)

@@ -24,17 +24,13 @@ the same key never loses its index member).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any, Final, Self
 
-import anyio
 import msgspec
 import redis.asyncio
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from threadline.actors import SnapshotCorruptError, StoreUnavailableError
 
@@ -42,11 +38,10 @@ from ._kv import (
     KEY_MARK,
     Item,
     Namespace,
-    check_count,
-    check_filter,
     check_key,
-    check_max_depth,
+    check_listing,
     check_namespace,
+    check_search,
     check_ttl,
     decode_namespace,
     decode_value,
@@ -57,6 +52,8 @@ from ._kv import (
     truncate_namespaces,
     ttl_ms,
 )
+from ._lifecycle import ExcInfo, Reentrant
+from ._redis_client import check_prefix, client_from_url, close_client, mapped, store_client
 
 __all__ = ["RedisStore"]
 
@@ -74,16 +71,6 @@ return removed
 
 _FIELDS: Final = ("v", "c", "u", "e")
 _PAGE: Final = 500
-_CLOSE_TIMEOUT: Final = 10.0
-
-
-@contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailableError(f"redis store {what} failed: {exc}") from exc
 
 
 def _member(namespace: Namespace, key: str) -> bytes:
@@ -97,7 +84,7 @@ def _split_member(member: bytes) -> tuple[Namespace, str]:
     return decode_namespace(ns), key
 
 
-class RedisStore:
+class RedisStore(Reentrant):
     """Cross-conversation items in Redis.
 
     With no ``client``, the store creates ``redis.asyncio.Redis()`` (localhost)
@@ -111,20 +98,13 @@ class RedisStore:
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty str, got {prefix!r}")
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must not contain braces, got {prefix!r}")
-        owns = client is None
-        if client is None:
-            client = redis.asyncio.Redis()
-        elif client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("RedisStore needs a client with decode_responses=False")
+        check_prefix(prefix)
+        client, self._owns_client = store_client(client, "RedisStore", redis.asyncio.Redis)
         self._client = client
-        self._owns_client = owns
         self._prefix = prefix
         self._index = f"{{{prefix}}}:index".encode()
         self._item_prefix = f"{{{prefix}}}:item:".encode()
         self._drop_dead: AsyncScript = client.register_script(_DROP_DEAD_LUA)
-        self._entered = 0
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "threadline:store", **kwargs: Any) -> Self:
@@ -133,12 +113,7 @@ class RedisStore:
         ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
         client and closes it on exit.
         """
-        scheme = url.partition("://")[0].lower()
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"not a redis URL: {scheme!r} scheme")
-        if kwargs.get("decode_responses"):
-            raise ValueError("RedisStore needs decode_responses=False")
-        client = redis.asyncio.Redis.from_url(url, **kwargs)
+        client = client_from_url(url, "RedisStore", **kwargs)
         store = cls(client, prefix=prefix)
         store._owns_client = True
         return store
@@ -148,26 +123,9 @@ class RedisStore:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        self._entered += 1
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._entered == 0:
-            return
-        self._entered -= 1
-        if self._entered == 0 and self._owns_client:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(_CLOSE_TIMEOUT),
-                contextlib.suppress(RedisError, OSError),
-            ):
-                await self._client.aclose()
+    async def _close(self, exc_info: ExcInfo) -> None:
+        if self._owns_client:
+            await close_client(self._client)
 
     def _check_open(self) -> None:
         if self._entered == 0:
@@ -201,7 +159,7 @@ class RedisStore:
     async def get(self, namespace: Namespace, key: str) -> Item | None:
         member = _member(check_namespace(namespace), check_key(key))
         self._check_open()
-        with _mapped("get"):
+        with mapped("store get"):
             fields = await self._client.hmget(self._item_key(member), list(_FIELDS))
         return self._item(member, fields)
 
@@ -221,7 +179,7 @@ class RedisStore:
         Returns the page and the ``low`` bound of the next one (None at the end).
         Index members whose item is gone are removed on the way.
         """
-        with _mapped("scan"):
+        with mapped("store scan"):
             members = [
                 m if isinstance(m, bytes) else m.encode()
                 for m in await self._client.zrangebylex(self._index, low, high, 0, size)
@@ -243,7 +201,7 @@ class RedisStore:
 
     async def _drop(self, members: Sequence[bytes]) -> None:
         """Remove index members whose item is (still) gone: the lazy purge."""
-        with _mapped("purge"):
+        with mapped("store purge"):
             await self._drop_dead(
                 keys=[self._index, *(self._item_key(m) for m in members)], args=list(members)
             )
@@ -256,10 +214,7 @@ class RedisStore:
         limit: int = 10,
         offset: int = 0,
     ) -> list[Item]:
-        prefix = check_namespace(namespace_prefix, what="namespace_prefix", empty_ok=True)
-        wanted = check_filter(filter)
-        limit = check_count(limit, "limit")
-        offset = check_count(offset, "offset")
+        prefix, wanted, limit, offset = check_search(namespace_prefix, filter, limit, offset)
         self._check_open()
         out: list[Item] = []
         if limit == 0:
@@ -291,10 +246,7 @@ class RedisStore:
         limit: int = 100,
         offset: int = 0,
     ) -> list[Namespace]:
-        p = () if prefix is None else check_namespace(prefix, what="prefix", empty_ok=True)
-        depth = check_max_depth(max_depth)
-        limit = check_count(limit, "limit")
-        offset = check_count(offset, "offset")
+        p, depth, limit, offset = check_listing(prefix, max_depth, limit, offset)
         self._check_open()
         if limit == 0:
             return []
@@ -324,7 +276,7 @@ class RedisStore:
         self._check_open()
         now = time.time()
         item_key = self._item_key(member)
-        with _mapped("put"):
+        with mapped("store put"):
             async with self._client.pipeline(transaction=True) as pipe:
                 # created_at survives an overwrite (HSETNX); an expired item is
                 # gone, so it starts afresh.
@@ -347,7 +299,7 @@ class RedisStore:
     async def delete(self, namespace: Namespace, key: str) -> None:
         member = _member(check_namespace(namespace), check_key(key))
         self._check_open()
-        with _mapped("delete"):
+        with mapped("store delete"):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(self._item_key(member))
                 pipe.zrem(self._index, member)

@@ -22,15 +22,12 @@ Durability is the server's: run Redis with ``appendonly yes`` and
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any, Final, Self
 
-import anyio
 import redis.asyncio
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from threadline.actors import (
     ConflictError,
@@ -41,6 +38,15 @@ from threadline.actors import (
 )
 
 from ._batch import GroupCommitter
+from ._lifecycle import ExcInfo, Reentrant
+from ._redis_client import (
+    check_prefix,
+    client_from_url,
+    close_client,
+    mapped,
+    store_client,
+    unavailable,
+)
 from ._store import CommitRequest, StoredThread, check_head
 
 __all__ = ["RedisSnapshotStore"]
@@ -120,7 +126,6 @@ local steps = redis.call('LRANGE', KEYS[2], full_version, -1)
 return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps}
 """
 
-_CLOSE_TIMEOUT: Final = 10.0
 _INDEX_CHUNK: Final = 1000
 _MAX_INDEX: Final = 1 << 62
 
@@ -130,26 +135,11 @@ def escape_thread_id(thread_id: str) -> str:
     return thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
-@contextlib.contextmanager
-def _mapped(what: str) -> Iterator[None]:
-    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc
-
-
 def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
-def _unavailable(message: str, cause: BaseException) -> StoreUnavailableError:
-    exc = StoreUnavailableError(message)
-    exc.__cause__ = cause
-    return exc
-
-
-class RedisSnapshotStore:
+class RedisSnapshotStore(Reentrant):
     """Durable threads in Redis.
 
     With no ``client``, the store creates a client for ``redis://localhost:6379/0``
@@ -171,17 +161,15 @@ class RedisSnapshotStore:
         prefix: str = "threadline",
         max_batch: int = 512,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must not contain braces, got {prefix!r}")
+        check_prefix(prefix)
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        owns = client is None
-        if client is None:
-            client = redis.asyncio.Redis.from_url("redis://localhost:6379/0")
-        elif client.connection_pool.connection_kwargs.get("decode_responses"):
-            raise ValueError("RedisSnapshotStore needs a client with decode_responses=False")
+        client, self._owns_client = store_client(
+            client,
+            "RedisSnapshotStore",
+            lambda: redis.asyncio.Redis.from_url("redis://localhost:6379/0"),
+        )
         self._client = client
-        self._owns_client = owns
         self._prefix = prefix
         self._index = f"{prefix}:threads"
         self._max_batch = max_batch
@@ -189,7 +177,6 @@ class RedisSnapshotStore:
         self._commit_script: AsyncScript = client.register_script(_COMMIT_LUA)
         self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
         self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
-        self._entered = 0
         self._committer: GroupCommitter[CommitRequest] | None = None
 
     @classmethod
@@ -201,12 +188,7 @@ class RedisSnapshotStore:
         ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
         client and closes it on exit.
         """
-        scheme = url.partition("://")[0].lower()
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"not a redis URL: {url.partition('://')[0]!r} scheme")
-        if kwargs.get("decode_responses"):
-            raise ValueError("RedisSnapshotStore needs decode_responses=False")
-        client = redis.asyncio.Redis.from_url(url, **kwargs)
+        client = client_from_url(url, "RedisSnapshotStore", **kwargs)
         store = cls(client, prefix=prefix, max_batch=max_batch)
         store._owns_client = True
         return store
@@ -216,41 +198,21 @@ class RedisSnapshotStore:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        if self._entered:
-            self._entered += 1
-            return self
+    async def _open(self) -> None:
         committer: GroupCommitter[CommitRequest] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
         await committer.__aenter__()
         self._committer = committer
-        self._entered = 1
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._entered == 0:
-            return
-        self._entered -= 1
-        if self._entered:
-            return
+    async def _close(self, exc_info: ExcInfo) -> None:
         committer, self._committer = self._committer, None
         try:
             if committer is not None:
-                await committer.__aexit__(exc_type, exc, tb)
+                await committer.__aexit__(*exc_info)
         finally:
             if self._owns_client:
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(_CLOSE_TIMEOUT),
-                    contextlib.suppress(RedisError, OSError),
-                ):
-                    await self._client.aclose()
+                await close_client(self._client)
 
     def _check_open(self) -> None:
         if self._committer is None:
@@ -266,7 +228,7 @@ class RedisSnapshotStore:
 
     async def load(self, thread_id: str) -> StoredThread | None:
         self._check_open()
-        with _mapped("load"):
+        with mapped("load"):
             reply = await self._load_script(keys=list(self._keys(thread_id)))
         if reply is None:
             return None
@@ -292,7 +254,7 @@ class RedisSnapshotStore:
         if stop is not None and stop < start:
             return []
         _, steps_key, _ = self._keys(thread_id)
-        with _mapped("read_steps"):
+        with mapped("read_steps"):
             steps = await self._client.lrange(
                 steps_key,
                 min(start, _MAX_INDEX) - 1,
@@ -303,7 +265,7 @@ class RedisSnapshotStore:
     async def threads(self) -> list[str]:
         self._check_open()
         live: list[str] = []
-        with _mapped("threads"):
+        with mapped("threads"):
             candidates = [
                 bytes(member).decode() async for member in self._client.sscan_iter(self._index)
             ]
@@ -325,14 +287,14 @@ class RedisSnapshotStore:
     async def acquire(self, thread_id: str) -> int:
         self._check_open()
         head, _, _ = self._keys(thread_id)
-        with _mapped("acquire"):
+        with mapped("acquire"):
             epoch = await self._acquire_script(keys=[head])
         return int(epoch)
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         self._check_open()
         keys = self._keys(thread_id)
-        with _mapped("delete"):
+        with mapped("delete"):
             reply = await self._delete_script(
                 keys=list(keys), args=["" if epoch is None else epoch]
             )
@@ -345,7 +307,7 @@ class RedisSnapshotStore:
             )
         # Drop the thread from the index, then look again: a new owner may
         # have committed (and added it) between the script and the SREM.
-        with _mapped("delete"):
+        with mapped("delete"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.srem(self._index, thread_id)
                 pipe.hget(keys[0], "version")
@@ -361,7 +323,7 @@ class RedisSnapshotStore:
         await committer.submit(request)
 
     async def _flush(self, batch: Sequence[CommitRequest]) -> list[BaseException | None]:
-        with _mapped("commit"):
+        with mapped("commit"):
             replies = await self._send_commits(batch)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
@@ -397,7 +359,7 @@ class RedisSnapshotStore:
                 indexed = raw[i]
                 i += 1
                 if isinstance(indexed, Exception) and not isinstance(reply, Exception):
-                    reply = _unavailable(
+                    reply = unavailable(
                         f"thread {r.thread_id!r} committed but not indexed: {indexed}", indexed
                     )
             replies.append(reply)
@@ -407,11 +369,11 @@ class RedisSnapshotStore:
         if isinstance(reply, PersistenceError):
             return reply
         if isinstance(reply, Exception):
-            return _unavailable(f"redis commit of {r.thread_id!r} failed: {reply}", reply)
+            return unavailable(f"redis commit of {r.thread_id!r} failed: {reply}", reply)
         try:
             status, version, epoch = (int(x) for x in reply)
         except (TypeError, ValueError) as exc:
-            return _unavailable(f"unexpected redis reply to a commit: {reply!r}", exc)
+            return unavailable(f"unexpected redis reply to a commit: {reply!r}", exc)
         if status == 0:
             return None
         if status == 3:

@@ -17,41 +17,26 @@ serialize them).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
-from typing import Any, Final, Literal, Self, TypeVar
+from collections.abc import Sequence
+from typing import Final, Literal
 
 import aiosqlite
-import anyio
-import anyio.to_thread
 
-from threadline.actors import (
-    FencedError,
-    PersistenceError,
-    SnapshotFormatError,
-    StoreUnavailableError,
-)
+from threadline.actors import FencedError, PersistenceError, StoreUnavailableError
 
 from ._batch import GroupCommitter
+from ._lifecycle import ExcInfo, Reentrant
+from ._sqlite_db import SqliteDatabase, rollback, transaction
 from ._store import CommitRequest, StoredThread, check_head
 
 __all__ = ["SqliteSnapshotStore"]
 
 SCHEMA_VERSION: Final = 1
 
-_SYNCHRONOUS: Final[dict[str, str]] = {
-    "OFF": "PRAGMA synchronous=OFF",
-    "NORMAL": "PRAGMA synchronous=NORMAL",
-    "FULL": "PRAGMA synchronous=FULL",
-    "EXTRA": "PRAGMA synchronous=EXTRA",
-}
-
+# The tables besides ``meta``, which SqliteDatabase creates.
 _SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS meta ( key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS threads ("
     " thread_id TEXT PRIMARY KEY,"
     " version INTEGER NOT NULL,"
@@ -102,12 +87,9 @@ _LOAD: Final = (
 )
 
 _MAX_INT: Final = (1 << 63) - 1
-_CLOSE_TIMEOUT: Final = 10.0
-
-R = TypeVar("R")
 
 
-class SqliteSnapshotStore:
+class SqliteSnapshotStore(Reentrant):
     """Durable threads in a SQLite database file.
 
     ``synchronous`` is SQLite's ``PRAGMA synchronous`` (``FULL``: a commit is
@@ -129,143 +111,56 @@ class SqliteSnapshotStore:
         busy_timeout: float = 5.0,
         max_batch: int = 512,
     ) -> None:
-        self._path = os.fspath(path)
-        if self._path in ("", ":memory:") or self._path.startswith("file:"):
-            raise ValueError(
-                f"SqliteSnapshotStore needs a file path (got {self._path!r}); "
-                "use MemorySnapshotStore for an in-memory store"
-            )
-        if synchronous not in _SYNCHRONOUS:
-            raise ValueError(
-                f"synchronous must be one of {sorted(_SYNCHRONOUS)}, got {synchronous!r}"
-            )
-        if busy_timeout < 0:
-            raise ValueError(f"busy_timeout must be >= 0, got {busy_timeout}")
+        self._db = SqliteDatabase(
+            path,
+            store="SqliteSnapshotStore",
+            memory_store="MemorySnapshotStore",
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            schema=_SCHEMA,
+            meta_table="meta",
+            schema_version=SCHEMA_VERSION,
+            schema_name="schema",
+        )
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self._synchronous = synchronous
-        self._busy_timeout = busy_timeout
         self._max_batch = max_batch
-        self._entered = 0
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
         self._committer: GroupCommitter[CommitRequest] | None = None
-        self._write_lock = anyio.Lock()
 
     def __repr__(self) -> str:
-        return f"SqliteSnapshotStore({self._path!r})"
+        return f"SqliteSnapshotStore({self._db.path!r})"
+
+    @property
+    def _writer(self) -> aiosqlite.Connection | None:
+        """The writer connection while the store is open (tests check its pragmas)."""
+        return self._db.writer
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        if self._entered:
-            self._entered += 1
-            return self
-        await self._open()
+    async def _open(self) -> None:
+        await self._db.open()
         committer: GroupCommitter[CommitRequest] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-sqlite-commit"
         )
         try:
             await committer.__aenter__()
         except BaseException:
-            await self._close_connections()
+            await self._db.close()
             raise
         self._committer = committer
-        self._entered = 1
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._entered == 0:
-            return
-        self._entered -= 1
-        if self._entered:
-            return
+    async def _close(self, exc_info: ExcInfo) -> None:
         committer, self._committer = self._committer, None
         try:
             if committer is not None:
-                await committer.__aexit__(exc_type, exc, tb)
+                await committer.__aexit__(*exc_info)
         finally:
-            await self._close_connections()
-
-    async def _open(self) -> None:
-        try:
-            await anyio.to_thread.run_sync(_create_private_file, self._path)
-            writer = await aiosqlite.connect(
-                self._path, isolation_level=None, timeout=self._busy_timeout
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailableError(f"cannot open {self._path!r}: {exc}") from exc
-        self._writer = writer
-        try:
-            await self._setup_writer(writer)
-            reader = await aiosqlite.connect(
-                self._path, isolation_level=None, timeout=self._busy_timeout
-            )
-            self._reader = reader
-            await reader.execute("PRAGMA query_only=ON")
-        except (OSError, sqlite3.Error, ValueError) as exc:
-            await self._close_connections()
-            raise StoreUnavailableError(f"cannot open {self._path!r}: {exc}") from exc
-        except BaseException:
-            await self._close_connections()
-            raise
-
-    async def _setup_writer(self, conn: aiosqlite.Connection) -> None:
-        await conn.execute("PRAGMA journal_mode=WAL")
-        await conn.execute(_SYNCHRONOUS[self._synchronous])
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA:
-                await conn.execute(statement)
-            await conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (SCHEMA_VERSION,),
-            )
-            rows = list(
-                await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
-            )
-            _check_schema_version(self._path, int(rows[0][0]))
-            await conn.execute("COMMIT")
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _rollback(conn)
-            raise
-
-    async def _close_connections(self) -> None:
-        writer, self._writer = self._writer, None
-        reader, self._reader = self._reader, None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
-            for conn in (reader, writer):
-                if conn is not None:
-                    with contextlib.suppress(sqlite3.Error, ValueError):
-                        await conn.close()
-
-    def _open_writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise StoreUnavailableError("store is closed")
-        return self._writer
-
-    def _open_reader(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise StoreUnavailableError("store is closed")
-        return self._reader
+            await self._db.close()
 
     # -- reads -------------------------------------------------------------
 
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
-        conn = self._open_reader()
-        try:
-            return list(await conn.execute_fetchall(sql, params))
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreUnavailableError(f"read from {self._path!r} failed: {exc}") from exc
-
     async def load(self, thread_id: str) -> StoredThread | None:
-        rows = await self._read(_LOAD, (thread_id,))
+        rows = await self._db.read(_LOAD, (thread_id,))
         if not rows or rows[0][0] != 0:
             return None
         _, version, epoch, full_version, _ = rows[0]
@@ -287,7 +182,7 @@ class SqliteSnapshotStore:
     async def read_steps(
         self, thread_id: str, start: int = 1, stop: int | None = None
     ) -> list[bytes]:
-        rows = await self._read(
+        rows = await self._db.read(
             "SELECT record FROM steps WHERE thread_id = ? AND version >= ? AND version <= ?"
             " ORDER BY version",
             (
@@ -299,7 +194,7 @@ class SqliteSnapshotStore:
         return [bytes(row[0]) for row in rows]
 
     async def threads(self) -> list[str]:
-        rows = await self._read("SELECT thread_id FROM threads WHERE version > 0", ())
+        rows = await self._db.read("SELECT thread_id FROM threads WHERE version > 0", ())
         return sorted(str(row[0]) for row in rows)
 
     # -- writes ------------------------------------------------------------
@@ -325,15 +220,13 @@ class SqliteSnapshotStore:
             )
             return int(rows[0][0])
 
-        return await self._write(run)
+        return await self._db.write(run)
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         async def run(conn: aiosqlite.Connection) -> bool:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
+            async with transaction(conn):
                 rows = list(await conn.execute_fetchall(_HEAD, (thread_id,)))
                 if not rows:
-                    await conn.execute("COMMIT")
                     return False
                 stored_version, stored_epoch = int(rows[0][0]), int(rows[0][1])
                 if epoch is not None:
@@ -345,33 +238,12 @@ class SqliteSnapshotStore:
                     " updated_at = ? WHERE thread_id = ?",
                     (time.time(), thread_id),
                 )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
             return stored_version > 0
 
-        return await self._write(run)
-
-    async def _write(self, fn: Callable[[aiosqlite.Connection], Awaitable[R]]) -> R:
-        """Run ``fn`` on the writer connection, serialized with every other write.
-
-        Shielded: a transaction must never be abandoned halfway on the shared
-        connection (it is bounded by ``busy_timeout`` plus the work itself).
-        """
-        conn = self._open_writer()
-        async with self._write_lock:
-            with anyio.CancelScope(shield=True):
-                try:
-                    result = await fn(conn)
-                except PersistenceError:
-                    raise
-                except (sqlite3.Error, ValueError) as exc:
-                    raise StoreUnavailableError(f"write to {self._path!r} failed: {exc}") from exc
-        return result
+        return await self._db.write(run)
 
     async def _flush(self, batch: Sequence[CommitRequest]) -> list[BaseException | None]:
-        return await self._write(lambda conn: self._commit_batch(conn, batch))
+        return await self._db.write(lambda conn: self._commit_batch(conn, batch))
 
     async def _commit_batch(
         self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest]
@@ -407,13 +279,13 @@ class SqliteSnapshotStore:
                 )
                 if cursor.rowcount != len(good):
                     raise StoreUnavailableError(  # noqa: TRY301 - rolled back below
-                        f"{self._path!r}: heads changed inside a write transaction"
+                        f"{self._db.path!r}: heads changed inside a write transaction"
                     )
                 await self._insert_records(conn, good)
             await conn.execute("COMMIT")
             return results
         except BaseException:
-            await _rollback(conn)
+            await rollback(conn)
             raise
 
     async def _decide(
@@ -453,27 +325,6 @@ class SqliteSnapshotStore:
         if fulls:
             await conn.executemany(_INSERT_FULL, fulls)
             await conn.executemany(_DROP_OLD_FULLS, [(tid, v) for tid, v, _ in fulls])
-
-
-async def _rollback(conn: aiosqlite.Connection) -> None:
-    """Roll back if a transaction is open; never raises (the connection may be dead)."""
-    with anyio.CancelScope(shield=True):
-        with contextlib.suppress(sqlite3.Error, ValueError):
-            await conn.execute("ROLLBACK")
-
-
-def _create_private_file(path: str) -> None:
-    """Create the database file readable and writable by its owner only."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    os.close(fd)
-
-
-def _check_schema_version(path: str, found: int) -> None:
-    if found > SCHEMA_VERSION:
-        raise SnapshotFormatError(
-            f"{path!r} has schema version {found}; "
-            f"this threadline understands up to {SCHEMA_VERSION}"
-        )
 
 
 def _check_fence(thread_id: str, stored_epoch: int, epoch: int) -> None:

@@ -1,0 +1,85 @@
+"""The redis-py client under the Redis stores: made or checked, closed, errors mapped."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+import anyio
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from threadline.actors import StoreUnavailableError
+
+__all__ = [
+    "check_prefix",
+    "close_client",
+    "client_from_url",
+    "mapped",
+    "store_client",
+    "unavailable",
+]
+
+_SCHEMES: Final = ("redis", "rediss", "unix")
+_CLOSE_TIMEOUT: Final = 10.0
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse braces: the stores put hash tags (``{...}``) in their keys."""
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"prefix must not contain braces, got {prefix!r}")
+
+
+def store_client(
+    client: redis.asyncio.Redis | None, store: str, default: Callable[[], redis.asyncio.Redis]
+) -> tuple[redis.asyncio.Redis, bool]:
+    """The client ``store`` uses and whether it owns it (it does when it made it).
+
+    A client passed in must not decode responses (the stores read bytes).
+    """
+    if client is None:
+        return default(), True
+    if client.connection_pool.connection_kwargs.get("decode_responses"):
+        raise ValueError(f"{store} needs a client with decode_responses=False")
+    return client, False
+
+
+def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
+    """A client for ``store`` made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
+
+    ``kwargs`` go to ``redis.asyncio.Redis.from_url``; such clients do not
+    retry (redis-py's default for URL-built pools).
+    """
+    scheme = url.partition("://")[0]
+    if scheme.lower() not in _SCHEMES:
+        raise ValueError(f"not a redis URL: {scheme!r} scheme")
+    if kwargs.get("decode_responses"):
+        raise ValueError(f"{store} needs decode_responses=False")
+    return redis.asyncio.Redis.from_url(url, **kwargs)
+
+
+async def close_client(client: redis.asyncio.Redis) -> None:
+    """Close a client the store owns: shielded, bounded, never raising."""
+    with (
+        anyio.CancelScope(shield=True),
+        anyio.move_on_after(_CLOSE_TIMEOUT),
+        contextlib.suppress(RedisError, OSError),
+    ):
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def mapped(what: str) -> Iterator[None]:
+    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc
+
+
+def unavailable(message: str, cause: BaseException) -> StoreUnavailableError:
+    """``StoreUnavailableError(message)`` caused by ``cause``, to return rather than raise."""
+    exc = StoreUnavailableError(message)
+    exc.__cause__ = cause
+    return exc
