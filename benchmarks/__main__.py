@@ -1,66 +1,599 @@
-"""Run the benchmarks: ``python -m benchmarks [w1 ...] [--quick] [--json PATH]``."""
+"""Run the benchmarks.
+
+``python -m benchmarks [w1 w2 w3 raw memory | all] [--quick] [--json PATH] [--redis-url URL]``
+
+Prints a markdown table per workload (threadline on SQLite ``synchronous=FULL``
+and on Redis with ``appendfsync always``; LangGraph on AsyncSqliteSaver and
+InMemorySaver from the same run when ``langgraph`` is importable), then the
+targets. Progress goes to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import importlib.metadata
 import json
-import logging
+import os
 import platform
+import sqlite3
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import structlog
+import redis
 
-from . import _history
-from ._common import redis_server, table
+from . import _concurrency, _history, _memory, _raw, _rehydrate
+from ._common import (
+    fresh_heap,
+    note,
+    peer_redis_status,
+    peer_unavailable,
+    quiet_logs,
+    redis_server,
+    remove_temp_dirs,
+    table,
+)
+
+WORKLOADS = ("w1", "w2", "w3", "raw", "memory")
 
 
-def _w1_table(results: list[dict[str, Any]]) -> str:
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    w1_turns: int = 500
+    w2_threads: int = 200
+    w2_turns: int = 20
+    w2_inflight: int = 50
+    w3_turns: int = 500
+    w3_reps: int = 5
+    raw_sqlite_single: int = 1000
+    raw_sqlite_batches: int = 100
+    raw_redis_single: int = 2000
+    raw_redis_batches: int = 300
+    commit_threads: int = 1000
+    commit_turns: int = 5
+    memory_threads: int = 100_000
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    w1_turns=12,
+    w2_threads=8,
+    w2_turns=3,
+    w2_inflight=4,
+    w3_turns=12,
+    w3_reps=1,
+    raw_sqlite_single=30,
+    raw_sqlite_batches=5,
+    raw_redis_single=50,
+    raw_redis_batches=5,
+    commit_threads=40,
+    commit_turns=2,
+    memory_threads=2000,
+)
+
+LABELS = {
+    ("threadline", "sqlite"): "threadline / SQLite FULL",
+    ("threadline", "redis"): "threadline / Redis (appendfsync always)",
+    ("langgraph", "sqlite"): "LangGraph / AsyncSqliteSaver (WAL, FULL)",
+    ("langgraph", "memory"): "LangGraph / InMemorySaver (not durable)",
+}
+
+
+def label(r: dict[str, Any]) -> str:
+    return LABELS[(r["system"], r["store"])]
+
+
+def _find(results: list[dict[str, Any]], system: str, store: str) -> dict[str, Any] | None:
+    return next((r for r in results if r["system"] == system and r["store"] == store), None)
+
+
+# -- running -------------------------------------------------------------------
+
+
+async def measured(fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    """``await fn(...)`` on a fresh heap (see ``_common.fresh_heap``)."""
+    with fresh_heap():
+        return await fn(*args, **kwargs)
+
+
+async def run_suite(
+    workloads: list[str],
+    sizes: Sizes,
+    redis_url: str,
+    *,
+    peer: bool = True,
+    show: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:
+    """Run ``workloads``; the report (plain JSON data). ``show`` gets each section's
+    markdown as soon as its workload is done."""
+    skipped = peer_unavailable() if peer else "disabled with --no-peer"
+    report: dict[str, Any] = {
+        "meta": _meta(redis_url, sizes),
+        "peer": {"available": skipped is None, "skipped": skipped},
+        "peer_redis": peer_redis_status(redis_url),
+    }
+    with_peer = skipped is None
+    show(_header(report))
+    if "w1" in workloads:
+        n = sizes.w1_turns
+        note(f"W1 history growth: one thread, {n} turns")
+        results = [
+            await measured(_history.run, "sqlite", n),
+            await measured(_history.run, "redis", n, redis_url=redis_url),
+        ]
+        if with_peer:
+            results += [
+                await measured(_history.run_peer, "sqlite", n),
+                await measured(_history.run_peer, "memory", n),
+            ]
+        report["w1"] = results
+        show(_w1(results, n))
+    if "w2" in workloads:
+        t, n, k = sizes.w2_threads, sizes.w2_turns, sizes.w2_inflight
+        note(f"W2 concurrency: {t} threads x {n} turns, at most {k} in flight")
+        results = [
+            await measured(_concurrency.run, "sqlite", t, n, k),
+            await measured(_concurrency.run, "redis", t, n, k, redis_url=redis_url),
+        ]
+        if with_peer:
+            results += [
+                await measured(_concurrency.run_peer, "sqlite", t, n, k),
+                await measured(_concurrency.run_peer, "memory", t, n, k),
+            ]
+        report["w2"] = results
+        show(_w2(results))
+    if "w3" in workloads:
+        n, reps = sizes.w3_turns, sizes.w3_reps
+        note(f"W3 rehydration: a {n}-turn thread, {reps} fresh processes each")
+        results = [
+            await _rehydrate.run("sqlite", n, reps),
+            await _rehydrate.run("redis", n, reps, redis_url=redis_url),
+        ]
+        if with_peer:
+            results.append(await _rehydrate.run_peer(n, reps))
+        report["w3"] = results
+        show(_w3(results))
+    if "raw" in workloads:
+        note("raw limits: aiosqlite, redis-py; threadline's durable commits/s")
+        raw: dict[str, Any] = {
+            "sqlite": await _raw.sqlite_limits(sizes.raw_sqlite_single, sizes.raw_sqlite_batches),
+            "redis": await _raw.redis_limits(
+                redis_url, sizes.raw_redis_single, sizes.raw_redis_batches
+            ),
+        }
+        ours = [
+            await measured(_raw.ours, "sqlite", sizes.commit_threads, sizes.commit_turns),
+            await measured(
+                _raw.ours, "redis", sizes.commit_threads, sizes.commit_turns, redis_url=redis_url
+            ),
+        ]
+        ours[0]["fraction_of_limit"] = (
+            ours[0]["commits_per_s"] / raw["sqlite"]["batched_rows_per_s"]
+        )
+        ours[1]["fraction_of_limit"] = (
+            ours[1]["commits_per_s"] / raw["redis"]["pipelined_set_per_s"]
+        )
+        raw["threadline"] = ours
+        report["raw"] = raw
+        show(_raw_table(raw))
+    if "memory" in workloads:
+        note(f"memory: {sizes.memory_threads} live idle threads in a fresh process")
+        report["memory"] = await _memory.run(sizes.memory_threads)
+        show(_memory_table(report["memory"]))
+    report["targets"] = targets(report)
+    show(_targets_table(report["targets"]))
+    return report
+
+
+def _meta(redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    versions = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version}
+    for dist in ("threadline", "langgraph", "langgraph-checkpoint-sqlite", "aiosqlite", "redis"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        info = client.info("server")
+        aof = client.config_get("appendfsync").get("appendfsync", "?")
+        versions["redis-server"] = f"{info.get('redis_version', '?')} (appendfsync {aof})"
+    finally:
+        client.close()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": platform.platform(),
+        "cores": os.cpu_count(),
+        "versions": versions,
+        "sizes": dataclasses.asdict(sizes),
+    }
+
+
+# -- targets -------------------------------------------------------------------
+
+
+def _target(name: str, measured: str, holds: bool | None) -> dict[str, Any]:
+    return {
+        "target": name,
+        "measured": measured,
+        "holds": None if holds is None else bool(holds),
+    }
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target whose figures are in ``report`` (ratios from this one run)."""
+    out: list[dict[str, Any]] = []
+    skipped = report["peer"]["skipped"]
+    if "w2" in report:
+        ours = _find(report["w2"], "threadline", "sqlite")
+        theirs = _find(report["w2"], "langgraph", "sqlite")
+        assert ours is not None
+        if theirs is None:
+            out.append(
+                _target("W2 turns/s >= 50x LangGraph+AsyncSqliteSaver (SQLite)", "n/a", None)
+            )
+            out.append(
+                _target("W2 p99 <= 1/20 of LangGraph+AsyncSqliteSaver (SQLite)", "n/a", None)
+            )
+        else:
+            ratio = ours["turns_per_s"] / theirs["turns_per_s"]
+            out.append(
+                _target(
+                    "W2 turns/s >= 50x LangGraph+AsyncSqliteSaver (SQLite)",
+                    f"x{ratio:.1f} ({ours['turns_per_s']:.0f} vs {theirs['turns_per_s']:.0f})",
+                    ratio >= 50,
+                )
+            )
+            ratio = theirs["p99_ms"] / ours["p99_ms"]
+            out.append(
+                _target(
+                    "W2 p99 <= 1/20 of LangGraph+AsyncSqliteSaver (SQLite)",
+                    f"1/{ratio:.1f} ({ours['p99_ms']:.1f} ms vs {theirs['p99_ms']:.1f} ms)",
+                    ratio >= 20,
+                )
+            )
+    if "w1" in report:
+        for r in report["w1"]:
+            if r["system"] != "threadline":
+                continue
+            store = "SQLite" if r["store"] == "sqlite" else "Redis"
+            last = r["checkpoints"][-1]["turn"]
+            out.append(
+                _target(
+                    f"W1 {store} bytes/turn at turn {last} <= 1.2x turn 1",
+                    f"x{r['bytes_ratio']:.2f}",
+                    r["bytes_ratio"] <= 1.2,
+                )
+            )
+            out.append(
+                _target(
+                    f"W1 {store} latency at turn {last} <= 1.2x turn 1",
+                    f"x{r['latency_ratio']:.2f}",
+                    r["latency_ratio"] <= 1.2,
+                )
+            )
+            out.append(
+                _target(
+                    f"W1 {store} store after {r['turns']} turns <= 3x final state",
+                    f"x{r['store_over_state']:.2f}",
+                    r["store_over_state"] <= 3,
+                )
+            )
+    if "w3" in report:
+        ours = _find(report["w3"], "threadline", "sqlite")
+        theirs = _find(report["w3"], "langgraph", "sqlite")
+        assert ours is not None
+        name = "W3 cold load <= 1/8 of LangGraph+AsyncSqliteSaver (SQLite)"
+        if theirs is None:
+            out.append(_target(name, "n/a", None))
+        else:
+            ratio = theirs["load_ms"] / ours["load_ms"]
+            out.append(
+                _target(
+                    name,
+                    f"1/{ratio:.1f} ({ours['load_ms']:.2f} ms vs {theirs['load_ms']:.2f} ms)",
+                    ratio >= 8,
+                )
+            )
+    if "raw" in report:
+        for r in report["raw"]["threadline"]:
+            limit = (
+                "raw batched SQLite rows/s (100/tx)"
+                if r["store"] == "sqlite"
+                else "pipelined Redis SET/s"
+            )
+            out.append(
+                _target(
+                    f"durable commits/s ({r['threads']} threads) >= 50% of {limit}",
+                    f"{r['fraction_of_limit']:.0%} ({r['commits_per_s']:.0f}/s)",
+                    r["fraction_of_limit"] >= 0.5,
+                )
+            )
+    if "memory" in report:
+        m = report["memory"]
+        out.append(
+            _target(
+                f"memory beyond state <= 1 KiB per idle live thread ({m['threads']} threads)",
+                f"{m['beyond_state_per_thread']:.0f} B",
+                m["beyond_state_per_thread"] <= 1024,
+            )
+        )
+    if skipped:
+        for t in out:
+            if t["holds"] is None:
+                t["measured"] = f"n/a: peer skipped ({skipped})"
+    return out
+
+
+# -- printing ------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _header(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    v = meta["versions"]
+    skipped = report["peer"]["skipped"]
+    peer_line = (
+        f"LangGraph peer skipped: {skipped}"
+        if skipped
+        else "LangGraph peer: StateGraph(messages: add_messages) + one async model node with "
+        "the same reply; AsyncSqliteSaver uses WAL (its setup) and synchronous=FULL (ours)"
+    )
+    return "\n\n".join(
+        [
+            f"# threadline benchmarks, {meta['date']}",
+            f"{meta['machine']}, {meta['cores']} cores; Python {v['python']}, "
+            f"threadline {v['threadline']}, langgraph {v['langgraph']} "
+            f"(langgraph-checkpoint-sqlite {v['langgraph-checkpoint-sqlite']}), "
+            f"SQLite {v['sqlite']}, redis-server {v['redis-server']}",
+            peer_line,
+            f"LangGraph / Redis: {report['peer_redis']}",
+            "Every in-process run starts on a fresh heap (`gc.collect(); gc.freeze()`), so "
+            "neither the other system's imports nor earlier workloads bill its GC pauses; "
+            "W3 and memory run in fresh processes.",
+        ]
+    )
+
+
+def _targets_table(rows: list[dict[str, Any]]) -> str:
+    verdict = {True: "yes", False: "**no**", None: "n/a"}
+    return "## Targets\n\n" + table(
+        ["target", "measured", "holds"],
+        [[t["target"], t["measured"], verdict[t["holds"]]] for t in rows],
+    )
+
+
+def _w1(results: list[dict[str, Any]], turns: int) -> str:
     rows = []
     for r in results:
         for c in r["checkpoints"]:
-            rows.append([r["store"], c["turn"], f"{c['latency_ms']:.2f}", f"{c['bytes']:.0f}"])
+            rows.append([label(r), c["turn"], f"{c['latency_ms']:.2f}", f"{c['bytes']:.0f}"])
         rows.append(
             [
-                r["store"],
-                "500/1" if r["turns"] >= 500 else "last/1",
+                label(r),
+                f"{r['checkpoints'][-1]['turn']}/1",
                 f"x{r['latency_ratio']:.2f}",
                 f"x{r['bytes_ratio']:.2f}",
             ]
         )
-    out = table(["store", "turn", "latency ms (median of 9)", "bytes written/turn"], rows)
-    sizes = "\n".join(
-        f"- {r['store']}: final state {r['state_bytes']} B, stored records "
-        f"{r['stored_record_bytes']} B (x{r['store_over_state']:.2f} the state)"
-        + (f", SQLite files {r['sqlite_file_bytes']} B" if r["sqlite_file_bytes"] else "")
-        for r in results
+    head = table(
+        ["system / store", "turn", "latency ms (median of 9)", "bytes written/turn (median of 9)"],
+        rows,
     )
-    return f"{out}\n\n{sizes}"
+    totals = table(
+        [
+            "system / store",
+            "final state B",
+            "stored B",
+            "stored / state",
+            "mean bytes/turn",
+            "SQLite file growth B",
+            "commits",
+            "total s",
+        ],
+        [
+            [
+                label(r),
+                r["state_bytes"],
+                r["stored_bytes"],
+                f"x{r['store_over_state']:.2f}",
+                f"{r['bytes_mean_per_turn']:.0f}",
+                _fmt(r["file_growth"]),
+                r["commits"],
+                f"{r['total_seconds']:.2f}",
+            ]
+            for r in results
+        ],
+    )
+    return (
+        f"## W1 history growth: one thread, {turns} turns (200-character messages)\n\n"
+        f"{head}\n\n{totals}\n\n"
+        "Bytes written: payloads handed to the store (threadline: step records and any "
+        "full record; LangGraph: checkpoint, metadata and pending-write blobs). Stored: what "
+        "the store holds for the thread at the end. SQLite file growth: database size after "
+        "close (WAL checkpointed) minus its size with the schema alone. Final state: msgpack of "
+        "the state (threadline) / the saver's serialization of the messages (LangGraph)."
+    )
 
 
-async def _main(args: argparse.Namespace) -> dict[str, Any]:
-    report: dict[str, Any] = {"machine": platform.platform(), "python": platform.python_version()}
-    turns = 60 if args.quick else 500
-    if "w1" in args.workloads:
-        with redis_server(args.redis_url) as url:
-            results = [await _history.run("sqlite", turns)]
-            results.append(await _history.run("redis", turns, redis_url=url))
-        report["w1"] = results
-        print(f"\n## W1 history growth: one thread, {turns} turns (200-char messages)\n")
-        print(_w1_table(results))
-    return report
+def _w2(results: list[dict[str, Any]]) -> str:
+    r0 = results[0]
+    rows = [
+        [
+            label(r),
+            f"{r['turns_per_s']:.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['max_ms']:.2f}",
+            f"{r['first_turn_p50_ms']:.1f} / {r['first_turn_p99_ms']:.1f}",
+            f"{_fmt(r['later_p50_ms'], '.1f')} / {_fmt(r['later_p99_ms'], '.1f')}",
+            f"{r['gc_seconds']:.2f} ({r['gc_longest_ms']:.0f})",
+            r["commits"],
+            f"{r['seconds']:.2f}",
+        ]
+        for r in results
+    ]
+    head = table(
+        [
+            "system / store",
+            "turns/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "first turns p50 / p99 ms",
+            "other turns p50 / p99 ms",
+            "GC s (longest ms)",
+            "commits",
+            "wall s",
+        ],
+        rows,
+    )
+    return (
+        f"## W2 concurrency: {r0['threads']} threads x {r0['turns_per_thread']} turns, "
+        f"at most {r0['inflight']} in flight\n\n{head}\n\n"
+        "First turns: threadline activates the thread's actor (takes ownership, loads). "
+        "GC: time this process spent in the cyclic garbage collector during the run."
+    )
 
 
-def main() -> None:
+def _w3(results: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            label(r),
+            f"{r['open_ms']:.2f}",
+            f"{r['load_ms']:.2f}",
+            f"{r['turn_ms']:.2f}",
+            f"{r['process_ms']:.0f}",
+        ]
+        for r in results
+    ]
+    head = table(
+        ["system / store", "open ms", "cold load ms", "next turn ms", "whole child process ms"],
+        rows,
+    )
+    r0 = results[0]
+    return (
+        f"## W3 rehydration: a {r0['turns']}-turn thread in a fresh process "
+        f"(median of {r0['reps']})\n\n{head}\n\n"
+        "Cold load: threadline `get_state` in a fresh ActorSystem, LangGraph `aget_state`. "
+        "Next turn: threadline `ask` (activates the actor: ownership, load, replay, two "
+        "durable steps), LangGraph `ainvoke`. The OS page cache is warm."
+    )
+
+
+def _raw_table(raw: dict[str, Any]) -> str:
+    s, r = raw["sqlite"], raw["redis"]
+    rows = [
+        [
+            "aiosqlite, 1 row (1 KiB) per transaction",
+            "transactions/s",
+            f"{s['single_tx_per_s']:.0f}",
+        ],
+        [
+            "aiosqlite, 100 rows (1 KiB) per transaction",
+            "rows/s (transactions/s)",
+            f"{s['batched_rows_per_s']:.0f} ({s['batched_tx_per_s']:.0f})",
+        ],
+        ["redis-py asyncio, SET 1 KiB one at a time", "SET/s", f"{r['single_set_per_s']:.0f}"],
+        [
+            "redis-py asyncio, SET 1 KiB x100 pipelined",
+            "SET/s (pipelines/s)",
+            f"{r['pipelined_set_per_s']:.0f} ({r['pipelines_per_s']:.0f})",
+        ],
+    ]
+    for o in raw["threadline"]:
+        limit = "batched rows/s" if o["store"] == "sqlite" else "pipelined SET/s"
+        rows.append(
+            [
+                f"{label(o)}, {o['threads']} threads at once",
+                "durable commits/s (turns/s)",
+                f"{o['commits_per_s']:.0f} ({o['turns_per_s']:.0f}) = "
+                f"{o['fraction_of_limit']:.0%} of {limit}; GC {o['gc_seconds']:.2f} s "
+                f"of {o['seconds']:.2f} s",
+            ]
+        )
+    notes = "".join(
+        f"\n\n{label(o)}: with the client of `RedisSnapshotStore.from_url` (redis-py's default "
+        f"pool) {o['default_client_error']}; the figure above is with a client on a "
+        f"{o['client']}."
+        for o in raw["threadline"]
+        if o.get("default_client_error")
+    )
+    return (
+        "## Raw limits and threadline's durable commits/s (same run, same disk and server)\n\n"
+        + table(["what", "measure", "rate"], rows)
+        + "\n\nA threadline commit is one step (a turn is two: input and model); the first "
+        "turn of every thread (activation) runs before the clock starts." + notes
+    )
+
+
+def _memory_table(m: dict[str, Any]) -> str:
+    row = [
+        m["threads"],
+        f"{m['rss_per_thread']:.0f}",
+        f"{m['state_bytes_per_thread']:.0f}",
+        f"{m['beyond_state_per_thread']:.0f}",
+        f"{m['state_python_bytes_per_thread']:.0f}",
+        f"{m['beyond_python_state_per_thread']:.0f}",
+        f"{(m['rss_after'] - m['rss_before']) / 2**20:.1f}",
+        f"{m['activations_per_s']:.0f}",
+    ]
+    return (
+        "## Memory: live idle threads in a fresh process (SQLite store on disk)\n\n"
+        + table(
+            [
+                "threads",
+                "RSS delta B/thread",
+                "state B/thread (msgpack)",
+                "beyond state B/thread",
+                "state as Python objects B/thread",
+                "beyond that B/thread",
+                "RSS delta MiB",
+                "activations/s",
+            ],
+            [row],
+        )
+        + "\n\nOne message each (`hello <n>`), answered with the 200-character reply; "
+        "the target is on RSS delta minus the msgpack size of the state."
+    )
+
+
+# -- entry point ---------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("workloads", nargs="*", default=["w1"], help="w1 (default: all)")
+    parser.add_argument(
+        "workloads", nargs="*", default=["all"], help=f"{' '.join(WORKLOADS)} or all (default)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for the smoke test)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
-    args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    report = anyio.run(_main, args)
+    parser.add_argument("--no-peer", action="store_true", help="do not run the LangGraph peer")
+    args = parser.parse_args(argv)
+    workloads = list(WORKLOADS) if "all" in args.workloads else args.workloads
+    unknown = sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)} or all")
+    quiet_logs()
+    sizes = QUICK if args.quick else FULL
+
+    def show(text: str) -> None:
+        print(text + "\n", flush=True)
+
+    try:
+        with redis_server(args.redis_url) as url:
+            report = anyio.run(
+                lambda: run_suite(workloads, sizes, url, peer=not args.no_peer, show=show)
+            )
+    finally:
+        remove_temp_dirs()
+    report["meta"]["quick"] = args.quick
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

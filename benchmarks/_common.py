@@ -4,6 +4,7 @@ progress on stderr, percentiles."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import logging
@@ -150,8 +151,20 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
+_TEMP_DIRS: list[Path] = []
+
+
 def temp_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="threadline-bench-"))
+    """A new temporary directory; ``remove_temp_dirs`` deletes every one made so far."""
+    path = Path(tempfile.mkdtemp(prefix="threadline-bench-"))
+    _TEMP_DIRS.append(path)
+    return path
+
+
+def remove_temp_dirs() -> None:
+    """Delete the directories ``temp_dir`` made (the peer's W1 file alone is ~300 MB)."""
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -171,7 +184,10 @@ def sqlite_files_size(path: Path) -> int:
 
 
 class Progress:
-    """Reports ``label: 30% (n/total) 1.2 s`` on stderr at every 10% of ``total``."""
+    """Reports ``label: 30% (n/total) 1.2 s`` on stderr at every 10% of ``total``
+    (from ``quiet_for`` seconds on: short loops stay silent)."""
+
+    quiet_for = 1.0
 
     def __init__(self, label: str, total: int) -> None:
         self.label = label
@@ -186,11 +202,10 @@ class Progress:
         if tenth >= self._next:
             self._next = tenth + 1
             elapsed = time.perf_counter() - self._start
-            print(
-                f"  {self.label}: {min(tenth, 10) * 10}% ({self.done}/{self.total}) {elapsed:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+            if elapsed < self.quiet_for:
+                return
+            percent = min(tenth, 10) * 10
+            note(f"  {self.label}: {percent}% ({self.done}/{self.total}) {elapsed:.1f} s")
 
 
 def note(text: str) -> None:
@@ -222,7 +237,10 @@ def peer_redis_status(url: str) -> str:
             modules = []
     finally:
         client.close()
-    installed = importlib.util.find_spec("langgraph.checkpoint.redis") is not None
+    try:
+        installed = importlib.util.find_spec("langgraph.checkpoint.redis") is not None
+    except ImportError:  # langgraph itself does not import
+        installed = False
     return (
         "not run: LangGraph's Redis checkpointer (langgraph-checkpoint-redis) needs the "
         f"RediSearch and RedisJSON modules; this redis-server {version} has "
@@ -232,5 +250,54 @@ def peer_redis_status(url: str) -> str:
 
 
 def quiet_logs() -> None:
-    """Only warnings and errors from threadline's structlog loggers."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    """Only warnings and errors from threadline's structlog loggers, on stderr."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+class GcMonitor:
+    """Time spent in the cyclic garbage collector while the block runs."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.longest = 0.0
+        self.collections = 0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._start
+            self.seconds += pause
+            self.longest = max(self.longest, pause)
+            self.collections += 1
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "gc_seconds": self.seconds,
+            "gc_longest_ms": self.longest * 1000,
+            "gc_collections": self.collections,
+        }
+
+
+@contextlib.contextmanager
+def fresh_heap() -> Iterator[None]:
+    """Collect, then freeze what is alive (imports, earlier workloads' leftovers) for
+    the block: the collector's pauses in a measured run then come from that run's own
+    objects only, whichever system ran before it in this process."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -5,7 +5,7 @@ turn, counted the same way for both systems: threadline's step records plus
 any full record (``CountingStore``); LangGraph's checkpoint blobs, metadata
 and pending-write blobs (``_peer.CountingSerde``). The SQLite file growth
 (database file after close, when SQLite has checkpointed the WAL into it,
-minus its size right after opening) is reported for both as well.
+minus its size with the schema alone) is reported for both as well.
 """
 
 from __future__ import annotations
@@ -82,12 +82,14 @@ async def run(kind: str, turns: int, *, redis_url: str | None = None) -> dict[st
     if kind == "sqlite":
         path = temp_dir() / "w1.db"
         inner: Any = SqliteSnapshotStore(path, synchronous="FULL")
+        async with SqliteSnapshotStore(path):
+            pass  # the schema alone: the baseline of the file growth
     else:
         assert redis_url is not None
         inner = RedisSnapshotStore.from_url(redis_url, prefix=f"w1-{time.time_ns()}")
     store = CountingStore(inner)
-    async with ActorSystem(Agent(model=FakeModel()), snapshots=store) as system:
-        opened = sqlite_files_size(path) if path else 0
+    opened = sqlite_files_size(path) if path else 0
+    async with ActorSystem[Any](Agent(model=FakeModel()), snapshots=store) as system:
         latencies, per_turn, result = await _drive(
             f"W1 threadline/{kind}",
             turns,
@@ -116,8 +118,11 @@ async def run_peer(kind: str, turns: int) -> dict[str, Any]:
     from . import _peer
 
     path = temp_dir() / "w1-langgraph.db" if kind == "sqlite" else None
+    if path:
+        async with _peer.peer(kind, path):
+            pass  # the schema alone: the baseline of the file growth
+    opened = sqlite_files_size(path) if path else 0
     async with _peer.peer(kind, path) as p:
-        opened = sqlite_files_size(path) if path else 0
         latencies, per_turn, result = await _drive(
             f"W1 langgraph/{kind}",
             turns,
