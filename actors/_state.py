@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -74,10 +74,15 @@ def add_messages(left: Sequence[AnyMessage], right: Sequence[MessageLike]) -> li
     if cut >= 0:
         left, right = (), right[cut + 1 :]
 
-    # Fast path: the usual step appends messages with fresh ids.
+    # Fast path: the usual step appends messages with fresh ids (new to the
+    # thread and to each other).
     if not any(isinstance(m, RemoveMessage) for m in right):
         ids = {m.id for m in left}
-        if not any(m.id in ids for m in right):
+        for m in right:
+            if m.id in ids:
+                break
+            ids.add(m.id)
+        else:
             return [*left, *right]  # type: ignore[list-item]
     merged: list[AnyMessage | None] = list(left)
     index = {m.id: i for i, m in enumerate(left)}
@@ -178,6 +183,28 @@ def apply_update(state: S, update: Mapping[str, Any]) -> S:
     if right is not None:
         changes["messages"] = add_messages(state.messages, right)
     return msgspec.structs.replace(state, **changes)
+
+
+def merge_updates(updates: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One normalized update equivalent to applying ``updates`` in order.
+
+    ``add_messages`` reduces ``right`` messages one at a time, so concatenating
+    the ``messages`` of consecutive updates gives the same result (removals,
+    replacements and ``REMOVE_ALL_MESSAGES`` included); other fields are
+    overwritten, so the last value wins. Replay uses this to apply a long log
+    with one pass over the history instead of one pass per step.
+    """
+    merged: dict[str, Any] = {}
+    messages: list[MessageLike] = []
+    for update in updates:
+        for key, value in update.items():
+            if key == "messages":
+                messages.extend(value)
+            else:
+                merged[key] = value
+    if messages:
+        merged["messages"] = messages
+    return merged
 
 
 def initial_state(cls: type[S], update: Mapping[str, Any]) -> S:

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 
 from threadline.actors import AgentState, InvalidUpdateError, SnapshotCorruptError
 from threadline.actors._records import FullRecord, Recovered, StepInfo, StepRecord, TurnCursor
-from threadline.actors._state import apply_update, initial_state
+from threadline.actors._state import apply_update, initial_state, merge_updates
 
 from ._codec import Codec
 from ._store import CommitRequest, SnapshotStore, StoredThread
@@ -41,26 +41,33 @@ def replay(
         state, consumed, turn, version = full.state, list(full.consumed), full.turn, full.version
         full_size = len(stored.full)
     log_bytes = 0
+    updates: list[dict[str, Any]] = []
+    first = version + 1
     for data in stored.steps:
         what = f"thread {thread_id!r} step {version + 1}"
         record = codec.decode_step(data, what=what)
         if record.version != version + 1:
             raise SnapshotCorruptError(f"{what}: record says version {record.version}")
-        try:
-            for patch in record.updates:
-                update = codec.from_patch(patch)
-                state = (
-                    initial_state(codec.schema, update)
-                    if state is None
-                    else apply_update(state, update)
-                )
-        except InvalidUpdateError as exc:
-            raise SnapshotCorruptError(f"{what}: does not replay: {exc}") from exc
+        updates.extend(codec.from_patch(patch) for patch in record.updates)
         if record.consumed is not None:
             consumed.append(record.consumed)
         turn = record.turn
         version = record.version
         log_bytes += len(data)
+    if updates:
+        # One reducer pass for the whole log: applying step by step would cost
+        # O(steps x history) in add_messages.
+        update = merge_updates(updates)
+        try:
+            state = (
+                initial_state(codec.schema, update)
+                if state is None
+                else apply_update(state, update)
+            )
+        except InvalidUpdateError as exc:
+            raise SnapshotCorruptError(
+                f"thread {thread_id!r} steps {first}..{version}: do not replay: {exc}"
+            ) from exc
     if version != stored.version:
         raise SnapshotCorruptError(
             f"thread {thread_id!r}: head is at version {stored.version}, records reach {version}"

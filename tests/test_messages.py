@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from threadline.actors import (
     REMOVE_ALL_MESSAGES,
@@ -25,6 +27,7 @@ from threadline.actors import (
     normalize_update,
     to_openai,
 )
+from threadline.actors._state import merge_updates
 
 
 def test_plain_string_becomes_human_message() -> None:
@@ -177,3 +180,56 @@ def test_other_fields_are_overwritten_and_messages_reduced() -> None:
     assert new.visits == 2
     assert [m.content for m in new.messages] == ["hi"]
     assert state.visits == 0 and state.messages == []  # the old state is untouched
+
+
+# -- merging updates (replay applies a whole log at once) ------------------------
+
+_IDS = [f"m{i}" for i in range(6)]
+
+
+@st.composite
+def _update_sequences(draw: st.DrawFn) -> list[list[Any]]:
+    """Sequences of valid messages-updates over a small id space."""
+    present: list[str] = []
+    sequence = []
+    for _ in range(draw(st.integers(1, 6))):
+        right: list[Any] = []
+        for _ in range(draw(st.integers(0, 4))):
+            kind = draw(st.sampled_from(["add", "replace", "remove", "remove_all"]))
+            if kind == "remove" and present:
+                victim = draw(st.sampled_from(present))
+                present.remove(victim)
+                right.append(RemoveMessage(id=victim))
+            elif kind == "remove_all" and draw(st.booleans()):
+                present.clear()
+                right.append(RemoveMessage(id=REMOVE_ALL_MESSAGES))
+            elif kind == "replace" and present:
+                right.append(HumanMessage("replaced", id=draw(st.sampled_from(present))))
+            else:
+                new = draw(st.sampled_from(_IDS))
+                if new not in present:
+                    present.append(new)
+                right.append(HumanMessage(f"text {new}", id=new))
+        sequence.append(right)
+    return sequence
+
+
+@settings(max_examples=300, deadline=None)
+@given(_update_sequences())
+def test_merged_updates_equal_step_by_step_application(sequence: list[list[Any]]) -> None:
+    state: list[Any] = []
+    for right in sequence:
+        state = add_messages(state, right)
+    merged = merge_updates({"messages": right} for right in sequence)
+    assert add_messages([], merged.get("messages", [])) == state
+
+
+def test_merge_updates_last_value_wins() -> None:
+    merged = merge_updates([{"visits": 1, "messages": ["a"]}, {"visits": 2}, {"messages": ["b"]}])
+    assert merged["visits"] == 2
+    assert merged["messages"] == ["a", "b"]
+
+
+def test_same_id_twice_in_one_update_replaces() -> None:
+    first, second = HumanMessage("v1", id="x"), HumanMessage("v2", id="x")
+    assert add_messages([], [first, second]) == [second]
