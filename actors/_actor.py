@@ -30,7 +30,7 @@ from ._errors import (
     ThreadlineError,
     TurnFailedError,
 )
-from ._mailbox import Mailbox
+from ._mailbox import Mailbox, MailboxStatistics
 from ._messages import AIMessage, AnyMessage
 from ._records import Recovered, TurnCursor
 from ._state import AgentState, apply_update, initial_state
@@ -235,13 +235,14 @@ class ThreadActor(Generic[S]):
 
     __slots__ = (
         "_behavior",
+        "_capacity",
         "_current",
         "_journal",
         "_keep",
+        "_mailbox",
         "_recent",
         "_spawn",
         "last_active",
-        "mailbox",
         "ready",
         "running",
         "state",
@@ -264,7 +265,10 @@ class ThreadActor(Generic[S]):
         self._journal = journal
         self._spawn = spawn
         self._keep = keep_consumed
-        self.mailbox: Mailbox[Envelope] = Mailbox(capacity)
+        self._capacity = capacity
+        # Created with the first message and dropped once drained: most live
+        # actors are idle, and an empty mailbox would be dead weight.
+        self._mailbox: Mailbox[Envelope] | None = None
         self.state: S | None = None
         self.turn: TurnCursor | None = None
         self.ready = False
@@ -279,9 +283,20 @@ class ThreadActor(Generic[S]):
 
     @property
     def idle(self) -> bool:
-        return not self.running and not len(self.mailbox)
+        return not self.running and not self._mailbox
 
     # -- mailbox -----------------------------------------------------------------
+
+    @property
+    def mailbox(self) -> Mailbox[Envelope]:
+        if self._mailbox is None:
+            self._mailbox = Mailbox(self._capacity)
+        return self._mailbox
+
+    def mailbox_statistics(self) -> MailboxStatistics:
+        if self._mailbox is None:
+            return MailboxStatistics(size=0, capacity=self._capacity, waiting_senders=0)
+        return self._mailbox.statistics()
 
     def offer(self, envelope: Envelope) -> None:
         """Enqueue or raise ``MailboxFullError``."""
@@ -324,6 +339,8 @@ class ThreadActor(Generic[S]):
         finally:
             self.running = False
             self.last_active = time.monotonic()
+            if self._mailbox is not None and self._mailbox.unused:
+                self._mailbox = None
 
     async def _handle(self, envelope: Envelope) -> None:
         try:

@@ -17,7 +17,6 @@ class MailboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     capacity: int
     waiting_senders: int
-    accepted: int
 
 
 class Mailbox(Generic[T]):
@@ -28,7 +27,7 @@ class Mailbox(Generic[T]):
     consumer pops synchronously, which is why this is not a stream.)
     """
 
-    __slots__ = ("_accepted", "_capacity", "_items", "_space")
+    __slots__ = ("_capacity", "_items", "_space")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -37,10 +36,14 @@ class Mailbox(Generic[T]):
         # Created lazily: an idle actor should cost little memory.
         self._items: deque[T] | None = None
         self._space: deque[anyio.Event] | None = None
-        self._accepted = 0
 
     def __len__(self) -> int:
         return len(self._items) if self._items else 0
+
+    @property
+    def unused(self) -> bool:
+        """Nothing queued and nobody waiting for room."""
+        return not self._items and not self._space
 
     def put_nowait(self, item: T, *, thread_id: str = "") -> None:
         if self._items is None:
@@ -50,7 +53,6 @@ class Mailbox(Generic[T]):
                 f"mailbox of thread {thread_id!r} is full ({self._capacity} messages)"
             )
         self._items.append(item)
-        self._accepted += 1
 
     async def put(self, item: T, *, thread_id: str = "") -> None:
         """Wait for room, then enqueue."""
@@ -74,6 +76,8 @@ class Mailbox(Generic[T]):
         if not self._items:
             return None
         item = self._items.popleft()
+        if not self._items:
+            self._items = None  # an empty deque still holds a 500-byte block
         if self._space:
             self._space.popleft().set()
         return item
@@ -81,8 +85,7 @@ class Mailbox(Generic[T]):
     def drain(self) -> list[T]:
         """Take every queued item (used to fail them on shutdown)."""
         items = list(self._items or ())
-        if self._items:
-            self._items.clear()
+        self._items = None
         while self._space:
             self._space.popleft().set()
         return items
@@ -92,5 +95,4 @@ class Mailbox(Generic[T]):
             size=len(self),
             capacity=self._capacity,
             waiting_senders=len(self._space or ()),
-            accepted=self._accepted,
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable, Mapping
+import base64
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgspec
@@ -15,8 +16,12 @@ REMOVE_ALL_MESSAGES: Final = "__remove_all__"
 
 
 def new_id() -> str:
-    """A fresh message id (uuid4, hex)."""
-    return uuid.uuid4().hex
+    """A fresh message id: 96 random bits, 16 URL-safe characters.
+
+    Shorter than a uuid4 hex string (65 bytes in memory instead of 81, on
+    every message of every live thread) and cheaper to make.
+    """
+    return base64.urlsafe_b64encode(os.urandom(12)).decode("ascii")
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -72,7 +77,9 @@ class HumanMessage(_Message, frozen=True, tag="human", omit_defaults=True):
 class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=True):
     """A model's answer: text and optionally tool calls."""
 
-    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    # A shared empty tuple by default: most AI messages call no tool, and an
+    # empty list per message costs 56 bytes in every live thread.
+    tool_calls: Sequence[ToolCall] = ()
     usage: dict[str, int] | None = None
     response_metadata: dict[str, Any] | None = None
 

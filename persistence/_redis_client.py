@@ -48,15 +48,22 @@ def store_client(
 def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
     """A client for ``store`` made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
-    ``kwargs`` go to ``redis.asyncio.Redis.from_url``; such clients do not
-    retry (redis-py's default for URL-built pools).
+    The pool blocks when all its connections are busy (``max_connections``,
+    default 64; ``timeout``, seconds to wait for one, default 30): a thousand
+    actors activating at once queue for a connection instead of failing with
+    "Too many connections". Other ``kwargs`` are connection options. Such
+    clients do not retry (redis-py's default for URL-built pools): a retried
+    commit whose reply was lost would look like a conflict.
     """
     scheme = url.partition("://")[0]
     if scheme.lower() not in _SCHEMES:
         raise ValueError(f"not a redis URL: {scheme!r} scheme")
     if kwargs.get("decode_responses"):
         raise ValueError(f"{store} needs decode_responses=False")
-    return redis.asyncio.Redis.from_url(url, **kwargs)
+    kwargs.setdefault("max_connections", 64)
+    kwargs.setdefault("timeout", 30.0)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **kwargs)
+    return redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
 async def close_client(client: redis.asyncio.Redis) -> None:

@@ -7,7 +7,6 @@ import math
 import os
 import time
 import unicodedata
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -136,7 +135,8 @@ class ActorSystem(Generic[S]):
         self._passivate_after = passivate_after
         self._keep = keep_consumed
         self._shutdown_timeout = shutdown_timeout
-        self._actors: OrderedDict[str, ThreadActor[S]] = OrderedDict()
+        # Insertion-ordered by last delivery (a plain dict is smaller than an OrderedDict).
+        self._actors: dict[str, ThreadActor[S]] = {}
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closing = False
@@ -225,9 +225,9 @@ class ActorSystem(Generic[S]):
                 capacity=self._capacity,
                 keep_consumed=self._keep,
             )
-            self._actors[thread_id] = actor
         else:
-            self._actors.move_to_end(thread_id)
+            del self._actors[thread_id]  # re-inserted below: moves it to the end
+        self._actors[thread_id] = actor
         return actor
 
     def _envelope(
@@ -375,7 +375,7 @@ class ActorSystem(Generic[S]):
     def mailbox_statistics(self, thread_id: str) -> MailboxStatistics | None:
         """Mailbox figures of a live thread actor (None if it is not in memory)."""
         actor = self._actors.get(thread_id)
-        return None if actor is None else actor.mailbox.statistics()
+        return None if actor is None else actor.mailbox_statistics()
 
     @property
     def live_threads(self) -> int:

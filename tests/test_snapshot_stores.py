@@ -882,3 +882,26 @@ async def test_group_committer_cancelled_with_its_host_still_flushes_the_queue()
     assert outcomes[2] is None
     with pytest.raises(StoreUnavailableError, match="store is closed"):
         await committer.submit(3)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_redis_store_queues_for_connections_under_a_burst(
+    redis_server: Any, redis_prefix: str
+) -> None:
+    """A thousand concurrent activations wait for a pooled connection, none fails."""
+    from threadline.persistence import RedisSnapshotStore
+
+    async with RedisSnapshotStore.from_url(
+        redis_server.url, prefix=redis_prefix, max_connections=8
+    ) as store:
+        epochs: list[int] = []
+
+        async def activate(i: int) -> None:
+            epochs.append(await store.acquire(f"burst-{i}"))
+            await store.load(f"burst-{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(1000):
+                tg.start_soon(activate, i)
+    assert epochs == [1] * 1000
