@@ -80,6 +80,11 @@ class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=Tru
     # A shared empty tuple by default: most AI messages call no tool, and an
     # empty list per message costs 56 bytes in every live thread.
     tool_calls: Sequence[ToolCall] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tool_calls and self.tool_calls != ():
+            # So AIMessage("x", tool_calls=[]) == AIMessage("x").
+            msgspec.structs.force_setattr(self, "tool_calls", ())
     usage: dict[str, int] | None = None
     response_metadata: dict[str, Any] | None = None
 
