@@ -78,14 +78,24 @@ def replay(
     return recovered, full_size, log_bytes
 
 
+FULL_RECORD_RATIO = 0.5
+FULL_RECORD_FLOOR = 8192
+
+
 class ThreadJournal(Generic[S]):
     """One owner's handle on one thread's durable log.
 
     ``open`` takes ownership (a new fencing epoch) and loads; ``commit`` appends
-    a step conditional on the version and epoch this journal holds. A full
-    record is written with a step when the steps logged since the last full
-    record outgrow it, so the cost of a step does not grow with history and a
-    load replays at most about one full record's worth of steps.
+    a step conditional on the version and epoch this journal holds.
+
+    A full record is written with a step once the steps logged since the last
+    one exceed ``FULL_RECORD_RATIO`` of its size (and ``FULL_RECORD_FLOOR``).
+    The state grows by at least that fraction between two full records, so
+    full records cost a constant factor of the step bytes (about 1/ratio)
+    however long the thread; and a load replays at most that fraction of the
+    state's size in steps (replay decoding is what a cold load spends its time
+    on). Older full records are dropped, so the stored size stays about the
+    steps plus one state.
     """
 
     __slots__ = ("_codec", "_full_size", "_log_bytes", "_store", "epoch", "thread_id", "version")
@@ -138,7 +148,9 @@ class ThreadJournal(Generic[S]):
             )
         )
         full = None
-        if self._log_bytes + len(step) > self._full_size:
+        if self._log_bytes + len(step) > max(
+            self._full_size * FULL_RECORD_RATIO, FULL_RECORD_FLOOR
+        ):
             full = self._codec.encode_full(
                 FullRecord(version=version, state=state, consumed=list(recent), ts=now, turn=turn)
             )
