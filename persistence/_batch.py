@@ -25,21 +25,22 @@ from threadline.actors import StoreUnavailableError
 
 T = TypeVar("T")
 
-FlushFn = Callable[[Sequence[T]], Awaitable[Sequence[BaseException | None]]]
-"""Writes a batch; returns one result per item (None = durable, else the error)."""
+FlushFn = Callable[[Sequence[T]], Awaitable[Sequence[object]]]
+"""Writes a batch; returns one result per item: an exception is raised to that
+item's submitter, anything else (None for a plain commit) is returned to it."""
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("done", "error", "item")
+    __slots__ = ("done", "item", "result")
 
     def __init__(self, item: T) -> None:
         self.item = item
         self.done = anyio.Event()
-        self.error: BaseException | None = None
+        self.result: object = None
 
-    def resolve(self, error: BaseException | None) -> None:
+    def resolve(self, result: object) -> None:
         if not self.done.is_set():
-            self.error = error
+            self.result = result
             self.done.set()
 
 
@@ -124,16 +125,17 @@ class GroupCommitter(Generic[T]):
         # writer, which never raises on its own.
         await tg.__aexit__(None, None, None)
 
-    async def submit(self, item: T) -> None:
-        """Queue ``item`` and wait until its batch is flushed."""
+    async def submit(self, item: T) -> object:
+        """Queue ``item``, wait until its batch is flushed, return its result."""
         if not self._accepting:
             raise StoreUnavailableError("store is closed")
         slot = _Slot(item)
         self._queue.append(slot)
         self._wakeup.set()
         await slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
+        if isinstance(slot.result, BaseException):
+            raise slot.result
+        return slot.result
 
     async def _next_batch(self) -> list[_Slot[T]]:
         while not self._queue:

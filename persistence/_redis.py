@@ -47,7 +47,7 @@ from ._redis_client import (
     store_client,
     unavailable,
 )
-from ._store import CommitRequest, StoredThread, check_head
+from ._store import AcquireRequest, CommitRequest, StoredThread, check_head
 
 __all__ = ["RedisSnapshotStore"]
 
@@ -135,6 +135,15 @@ def escape_thread_id(thread_id: str) -> str:
     return thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def _epoch(r: AcquireRequest, reply: Any) -> object:
+    if isinstance(reply, Exception):
+        return unavailable(f"redis acquire of {r.thread_id!r} failed: {reply}", reply)
+    try:
+        return int(reply)
+    except (TypeError, ValueError) as exc:
+        return unavailable(f"unexpected redis reply to an acquire: {reply!r}", exc)
+
+
 def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
@@ -177,7 +186,7 @@ class RedisSnapshotStore(Reentrant):
         self._commit_script: AsyncScript = client.register_script(_COMMIT_LUA)
         self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
         self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
-        self._committer: GroupCommitter[CommitRequest] | None = None
+        self._committer: GroupCommitter[CommitRequest | AcquireRequest] | None = None
 
     @classmethod
     def from_url(
@@ -199,7 +208,7 @@ class RedisSnapshotStore(Reentrant):
     # -- lifecycle ---------------------------------------------------------
 
     async def _open(self) -> None:
-        committer: GroupCommitter[CommitRequest] = GroupCommitter(
+        committer: GroupCommitter[CommitRequest | AcquireRequest] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
         await committer.__aenter__()
@@ -285,11 +294,13 @@ class RedisSnapshotStore(Reentrant):
     # -- writes ------------------------------------------------------------
 
     async def acquire(self, thread_id: str) -> int:
+        # Through the group committer: a burst of activations rides the
+        # commits' pipeline on one connection instead of opening one each.
         self._check_open()
-        head, _, _ = self._keys(thread_id)
-        with mapped("acquire"):
-            epoch = await self._acquire_script(keys=[head])
-        return int(epoch)
+        assert self._committer is not None
+        epoch = await self._committer.submit(AcquireRequest(thread_id))
+        assert isinstance(epoch, int)
+        return epoch
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         self._check_open()
@@ -322,29 +333,36 @@ class RedisSnapshotStore(Reentrant):
             raise StoreUnavailableError("store is closed")
         await committer.submit(request)
 
-    async def _flush(self, batch: Sequence[CommitRequest]) -> list[BaseException | None]:
+    async def _flush(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[object]:
         with mapped("commit"):
-            replies = await self._send_commits(batch)
+            replies = await self._send(batch)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
                 # The server lost its script cache (restart, SCRIPT FLUSH). A
                 # NOSCRIPT reply means the script did not run: send those again.
                 self._commit_script.sha = await self._client.script_load(_COMMIT_LUA)
-                again = await self._send_commits([batch[i] for i in missing])
+                self._acquire_script.sha = await self._client.script_load(_ACQUIRE_LUA)
+                again = await self._send([batch[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-        return [self._result(r, reply) for r, reply in zip(batch, replies, strict=True)]
+        return [
+            self._result(r, reply) if isinstance(r, CommitRequest) else _epoch(r, reply)
+            for r, reply in zip(batch, replies, strict=True)
+        ]
 
-    async def _send_commits(self, batch: Sequence[CommitRequest]) -> list[Any]:
+    async def _send(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[Any]:
         """One pipeline for the batch; one reply (or error) per request."""
-        sha = self._commit_script.sha
+        commit_sha, acquire_sha = self._commit_script.sha, self._acquire_script.sha
         async with self._client.pipeline(transaction=False) as pipe:
             for r in batch:
                 head, steps, full = self._keys(r.thread_id)
+                if isinstance(r, AcquireRequest):
+                    pipe.evalsha(acquire_sha, 1, head)
+                    continue
                 args: list[bytes | int] = [r.expected_version, r.epoch, r.step]
                 if r.full is not None:
                     args.append(r.full)
-                pipe.evalsha(sha, 3, head, steps, full, *args)
+                pipe.evalsha(commit_sha, 3, head, steps, full, *args)
                 if r.expected_version == 0:
                     # After the script: a delete that races with this first
                     # commit sees the new head and keeps the index entry.
@@ -355,7 +373,7 @@ class RedisSnapshotStore(Reentrant):
         for r in batch:
             reply = raw[i]
             i += 1
-            if r.expected_version == 0:
+            if isinstance(r, CommitRequest) and r.expected_version == 0:
                 indexed = raw[i]
                 i += 1
                 if isinstance(indexed, Exception) and not isinstance(reply, Exception):

@@ -49,7 +49,7 @@ def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
     """A client for ``store`` made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
     The pool blocks when all its connections are busy (``max_connections``,
-    default 64; ``timeout``, seconds to wait for one, default 30): a thousand
+    default 16; ``timeout``, seconds to wait for one, default 30): a thousand
     actors activating at once queue for a connection instead of failing with
     "Too many connections". Other ``kwargs`` are connection options. Such
     clients do not retry (redis-py's default for URL-built pools): a retried
@@ -60,7 +60,7 @@ def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
         raise ValueError(f"not a redis URL: {scheme!r} scheme")
     if kwargs.get("decode_responses"):
         raise ValueError(f"{store} needs decode_responses=False")
-    kwargs.setdefault("max_connections", 64)
+    kwargs.setdefault("max_connections", 16)
     kwargs.setdefault("timeout", 30.0)
     pool = redis.asyncio.BlockingConnectionPool.from_url(url, **kwargs)
     return redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Final, Literal
 
@@ -29,7 +30,7 @@ from threadline.actors import FencedError, PersistenceError, StoreUnavailableErr
 from ._batch import GroupCommitter
 from ._lifecycle import ExcInfo, Reentrant
 from ._sqlite_db import SqliteDatabase, rollback, transaction
-from ._store import CommitRequest, StoredThread, check_head
+from ._store import AcquireRequest, CommitRequest, StoredThread, check_head
 
 __all__ = ["SqliteSnapshotStore"]
 
@@ -70,6 +71,12 @@ _INSERT_STEP: Final = "INSERT INTO steps (thread_id, version, record) VALUES (?,
 _INSERT_FULL: Final = "INSERT OR REPLACE INTO fulls (thread_id, version, record) VALUES (?, ?, ?)"
 _DROP_OLD_FULLS: Final = "DELETE FROM fulls WHERE thread_id = ? AND version < ?"
 _HEAD: Final = "SELECT version, epoch FROM threads WHERE thread_id = ?"
+_ACQUIRE: Final = (
+    "INSERT INTO threads (thread_id, version, epoch, full_version, updated_at)"
+    " VALUES (?, 0, 1, 0, ?)"
+    " ON CONFLICT (thread_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at"
+)
+
 
 # One statement, hence one consistent snapshot: the head (kind 0), the latest
 # full record (kind 1) and the steps after it (kind 2).
@@ -125,7 +132,7 @@ class SqliteSnapshotStore(Reentrant):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self._max_batch = max_batch
-        self._committer: GroupCommitter[CommitRequest] | None = None
+        self._committer: GroupCommitter[CommitRequest | AcquireRequest] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteSnapshotStore({self._db.path!r})"
@@ -139,7 +146,7 @@ class SqliteSnapshotStore(Reentrant):
 
     async def _open(self) -> None:
         await self._db.open()
-        committer: GroupCommitter[CommitRequest] = GroupCommitter(
+        committer: GroupCommitter[CommitRequest | AcquireRequest] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-sqlite-commit"
         )
         try:
@@ -206,21 +213,14 @@ class SqliteSnapshotStore(Reentrant):
         await committer.submit(request)
 
     async def acquire(self, thread_id: str) -> int:
-        async def run(conn: aiosqlite.Connection) -> int:
-            # One statement is one (atomic) transaction in autocommit mode.
-            rows = list(
-                await conn.execute_fetchall(
-                    "INSERT INTO threads (thread_id, version, epoch, full_version, updated_at)"
-                    " VALUES (?, 0, 1, 0, ?)"
-                    " ON CONFLICT (thread_id) DO UPDATE SET epoch = epoch + 1,"
-                    " updated_at = excluded.updated_at"
-                    " RETURNING epoch",
-                    (thread_id, time.time()),
-                )
-            )
-            return int(rows[0][0])
-
-        return await self._db.write(run)
+        # Through the group committer: a burst of activations shares one
+        # transaction (one fsync) with whatever commits are waiting.
+        committer = self._committer
+        if committer is None:
+            raise StoreUnavailableError("store is closed")
+        epoch = await committer.submit(AcquireRequest(thread_id))
+        assert isinstance(epoch, int)
+        return epoch
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         async def run(conn: aiosqlite.Connection) -> bool:
@@ -242,51 +242,85 @@ class SqliteSnapshotStore(Reentrant):
 
         return await self._db.write(run)
 
-    async def _flush(self, batch: Sequence[CommitRequest]) -> list[BaseException | None]:
-        return await self._db.write(lambda conn: self._commit_batch(conn, batch))
+    async def _flush(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[object]:
+        return await self._db.write(lambda conn: self._write_batch(conn, batch))
 
-    async def _commit_batch(
-        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest]
-    ) -> list[BaseException | None]:
+    async def _write_batch(
+        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest | AcquireRequest]
+    ) -> list[object]:
+        """One transaction: the batch's commits, then its acquires."""
+        commits = [r for r in batch if isinstance(r, CommitRequest)]
+        acquires = [r.thread_id for r in batch if isinstance(r, AcquireRequest)]
         now = time.time()
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            # Fast path: every request applies; a handful of statements in all.
-            cursor = await conn.executemany(
-                _ADVANCE,
-                [
-                    (r.full is not None, now, r.thread_id, r.expected_version, r.epoch)
-                    for r in batch
-                ],
-            )
-            if cursor.rowcount == len(batch):
-                await self._insert_records(conn, batch)
-                await conn.execute("COMMIT")
-                return [None] * len(batch)
-            # Some request conflicts or is fenced: start over, deciding request
-            # by request against the heads (read under the write lock).
-            await conn.execute("ROLLBACK")
-            await conn.execute("BEGIN IMMEDIATE")
-            results = await self._decide(conn, batch)
-            good = [r for r, result in zip(batch, results, strict=True) if result is None]
-            if good:
-                cursor = await conn.executemany(
-                    _ADVANCE,
-                    [
-                        (r.full is not None, now, r.thread_id, r.expected_version, r.epoch)
-                        for r in good
-                    ],
-                )
-                if cursor.rowcount != len(good):
-                    raise StoreUnavailableError(  # noqa: TRY301 - rolled back below
-                        f"{self._db.path!r}: heads changed inside a write transaction"
-                    )
-                await self._insert_records(conn, good)
+            committed = await self._commit_batch(conn, commits, now)
+            epochs = await self._acquire_batch(conn, acquires, now)
             await conn.execute("COMMIT")
-            return results
         except BaseException:
             await rollback(conn)
             raise
+        results = iter(committed)
+        acquired = iter(epochs)
+        return [next(results) if isinstance(r, CommitRequest) else next(acquired) for r in batch]
+
+    async def _commit_batch(
+        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest], now: float
+    ) -> list[BaseException | None]:
+        """Apply the commits inside the open transaction; one result each."""
+        if not batch:
+            return []
+        # Fast path: every request applies; a handful of statements in all.
+        cursor = await conn.executemany(
+            _ADVANCE,
+            [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in batch],
+        )
+        if cursor.rowcount == len(batch):
+            await self._insert_records(conn, batch)
+            return [None] * len(batch)
+        # Some request conflicts or is fenced: start over, deciding request by
+        # request against the heads (read under the write lock).
+        await conn.execute("ROLLBACK")
+        await conn.execute("BEGIN IMMEDIATE")
+        results = await self._decide(conn, batch)
+        good = [r for r, result in zip(batch, results, strict=True) if result is None]
+        if good:
+            cursor = await conn.executemany(
+                _ADVANCE,
+                [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in good],
+            )
+            if cursor.rowcount != len(good):
+                raise StoreUnavailableError(
+                    f"{self._db.path!r}: heads changed inside a write transaction"
+                )
+            await self._insert_records(conn, good)
+        return results
+
+    async def _acquire_batch(
+        self, conn: aiosqlite.Connection, thread_ids: Sequence[str], now: float
+    ) -> list[int]:
+        """Bump each thread's epoch (creating version-0 heads); the new epochs."""
+        if not thread_ids:
+            return []
+        await conn.executemany(_ACQUIRE, [(tid, now) for tid in thread_ids])
+        distinct = list(dict.fromkeys(thread_ids))
+        final: dict[str, int] = {}
+        for start in range(0, len(distinct), 500):  # stay under SQLite's variable limit
+            chunk = distinct[start : start + 500]
+            marks = ",".join("?" * len(chunk))  # placeholders only: still parameterized
+            rows = await conn.execute_fetchall(
+                f"SELECT thread_id, epoch FROM threads WHERE thread_id IN ({marks})",  # noqa: S608
+                chunk,
+            )
+            final.update((str(tid), int(epoch)) for tid, epoch in rows)
+        # A thread acquired k times in this batch went up by k: hand the
+        # epochs out in order, the last acquirer holding the current one.
+        remaining = Counter(thread_ids)
+        epochs = []
+        for tid in thread_ids:
+            remaining[tid] -= 1
+            epochs.append(final[tid] - remaining[tid])
+        return epochs
 
     async def _decide(
         self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest]

@@ -46,6 +46,13 @@ class CommitRequest(msgspec.Struct, frozen=True, kw_only=True):
     full: bytes | None = None
 
 
+class AcquireRequest(msgspec.Struct, frozen=True):
+    """Take ownership of ``thread_id`` (stores that group-commit queue it with
+    the commits, so a burst of activations shares their round trips)."""
+
+    thread_id: str
+
+
 @runtime_checkable
 class SnapshotStore(Protocol):
     """Durable, conditional storage of a thread's step records.

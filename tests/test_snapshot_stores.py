@@ -363,9 +363,9 @@ async def _run_one_batch(
         await gate.wait()
         return await real_flush(items)
 
+    blocker_epoch = await store.acquire("blocker")  # (acquires go through the flush too)
     committer._flush = gated_flush
     try:
-        blocker_epoch = await store.acquire("blocker")
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.commit, req("blocker", 0, blocker_epoch))
@@ -905,3 +905,36 @@ async def test_redis_store_queues_for_connections_under_a_burst(
             for i in range(1000):
                 tg.start_soon(activate, i)
     assert epochs == [1] * 1000
+
+
+@pytest.mark.anyio
+async def test_sqlite_acquires_share_the_group_commit(tmp_path: Path) -> None:
+    """A burst of activations is a few transactions, not one fsync each, and
+    every acquirer gets its own epoch even for the same thread."""
+    from threadline.persistence import SqliteSnapshotStore
+
+    async with SqliteSnapshotStore(tmp_path / "burst.db") as store:
+        committer = store._committer
+        assert committer is not None
+        sizes: list[int] = []
+        real_flush = committer._flush
+
+        async def counting_flush(items: Sequence[Any]) -> Sequence[object]:
+            sizes.append(len(items))
+            return await real_flush(items)
+
+        committer._flush = counting_flush
+        epochs: dict[str, list[int]] = {}
+
+        async def activate(thread_id: str) -> None:
+            epochs.setdefault(thread_id, []).append(await store.acquire(thread_id))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(activate, f"t{i % 150}")  # 50 threads acquired twice
+        assert sum(sizes) == 200
+        assert len(sizes) < 20
+        for thread_id, got in epochs.items():
+            assert sorted(got) == list(range(1, len(got) + 1)), thread_id
+        fresh = await store.acquire("t0")
+        assert fresh == len(epochs["t0"]) + 1
