@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("w1", "w2", "w3", "raw", "memory")
+WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks")
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -113,6 +113,10 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
     for r in raw["threadline"]:
         assert _positive(r["commits_per_s"]) and _positive(r["fraction_of_limit"])
 
+    assert {r["store"] for r in report["hooks"]} == {"memory", "sqlite"}
+    for r in report["hooks"]:
+        assert _positive(r["no_hooks_us"]) and _positive(r["five_hooks_us"])
+
     memory = report["memory"]
     assert memory["live_threads"] >= memory["threads"] > 0
     assert memory["rss_after"] > memory["rss_before"] > 0
@@ -125,6 +129,7 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
     assert any(n.startswith("W3 cold load") for n in names)
     assert sum(n.startswith("durable commits/s") for n in names) == 2
     assert any(n.startswith("memory beyond state") for n in names)
+    assert any(n.startswith("a turn with 5 no-op hooks") for n in names)
     for t in report["targets"]:
         assert (t["holds"] is None) == (not peer and "LangGraph" in t["target"]), t
 
