@@ -230,18 +230,44 @@ class Envelope:
                 self.sink = None  # the consumer went away; the turn goes on
 
 
+class ActorContext(Generic[S]):
+    """What every actor of one system shares (one object, not a copy per actor:
+    idle actors are most of the memory of a busy system).
+
+    ``clock`` is a coarse monotonic time the system ticks; actors stamp their
+    activity with it, sharing its float object instead of making one each.
+    """
+
+    __slots__ = ("behavior", "capacity", "clock", "keep_consumed", "spawn")
+
+    def __init__(
+        self,
+        *,
+        behavior: Behavior[S],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]], str], None],
+        capacity: int,
+        keep_consumed: int,
+    ) -> None:
+        self.behavior = behavior
+        self.spawn = spawn
+        self.capacity = capacity
+        self.keep_consumed = keep_consumed
+        self.clock = time.monotonic()
+
+    def tick(self) -> float:
+        self.clock = time.monotonic()
+        return self.clock
+
+
 class ThreadActor(Generic[S]):
     """Owns one thread's state in memory; single writer of its journal."""
 
     __slots__ = (
-        "_behavior",
-        "_capacity",
+        "_ctx",
         "_current",
         "_journal",
-        "_keep",
         "_mailbox",
         "_recent",
-        "_spawn",
         "last_active",
         "ready",
         "running",
@@ -250,22 +276,10 @@ class ThreadActor(Generic[S]):
         "turn",
     )
 
-    def __init__(
-        self,
-        thread_id: str,
-        *,
-        behavior: Behavior[S],
-        journal: Journal[S],
-        spawn: Callable[[Callable[[], Coroutine[Any, Any, None]], str], None],
-        capacity: int,
-        keep_consumed: int,
-    ) -> None:
+    def __init__(self, thread_id: str, *, context: ActorContext[S], journal: Journal[S]) -> None:
         self.thread_id = thread_id
-        self._behavior = behavior
+        self._ctx = context
         self._journal = journal
-        self._spawn = spawn
-        self._keep = keep_consumed
-        self._capacity = capacity
         # Created with the first message and dropped once drained: most live
         # actors are idle, and an empty mailbox would be dead weight.
         self._mailbox: Mailbox[Envelope] | None = None
@@ -273,8 +287,9 @@ class ThreadActor(Generic[S]):
         self.turn: TurnCursor | None = None
         self.ready = False
         self.running = False
-        self.last_active = time.monotonic()
-        self._recent: list[str] = []
+        self.last_active = context.clock
+        # Recently consumed message ids (a tuple: a list over-allocates).
+        self._recent: tuple[str, ...] = ()
         self._current: Envelope | None = None
 
     @property
@@ -290,12 +305,12 @@ class ThreadActor(Generic[S]):
     @property
     def mailbox(self) -> Mailbox[Envelope]:
         if self._mailbox is None:
-            self._mailbox = Mailbox(self._capacity)
+            self._mailbox = Mailbox(self._ctx.capacity)
         return self._mailbox
 
     def mailbox_statistics(self) -> MailboxStatistics:
         if self._mailbox is None:
-            return MailboxStatistics(size=0, capacity=self._capacity, waiting_senders=0)
+            return MailboxStatistics(size=0, capacity=self._ctx.capacity, waiting_senders=0)
         return self._mailbox.statistics()
 
     def offer(self, envelope: Envelope) -> None:
@@ -309,10 +324,10 @@ class ThreadActor(Generic[S]):
         self._kick()
 
     def _kick(self) -> None:
-        self.last_active = time.monotonic()
+        self.last_active = self._ctx.clock
         if not self.running:
             self.running = True
-            self._spawn(self._drain, f"threadline actor {self.thread_id!r}")
+            self._ctx.spawn(self._drain, f"threadline actor {self.thread_id!r}")
 
     async def _drain(self) -> None:
         try:
@@ -338,7 +353,7 @@ class ThreadActor(Generic[S]):
             raise
         finally:
             self.running = False
-            self.last_active = time.monotonic()
+            self.last_active = self._ctx.clock
             if self._mailbox is not None and self._mailbox.unused:
                 self._mailbox = None
 
@@ -374,9 +389,9 @@ class ThreadActor(Generic[S]):
 
     async def _activate(self) -> None:
         self.ready = False
-        recovered = await self._journal.open(self._keep)
+        recovered = await self._journal.open(self._ctx.keep_consumed)
         self.state, self.turn = recovered.state, recovered.turn
-        self._recent = recovered.consumed
+        self._recent = tuple(recovered.consumed)
         self.ready = True
         _log.info("thread.activated", version=recovered.version, resume=self.turn is not None)
         if self.turn is not None:
@@ -398,8 +413,7 @@ class ThreadActor(Generic[S]):
         error: str | None = None,
     ) -> None:
         if consumed is not None:
-            self._recent.append(consumed)
-            del self._recent[: -self._keep or len(self._recent)]
+            self._recent = (*self._recent, consumed)[-self._ctx.keep_consumed :]
         await self._journal.commit(
             kind=kind,
             updates=updates,
@@ -438,14 +452,16 @@ class ThreadActor(Generic[S]):
             if self.state is not None:
                 envelope.resolve(self._result(envelope, duplicate=True))
                 return
-        schema = self._behavior.state_schema
+        schema = self._ctx.behavior.state_schema
         state = (
             initial_state(schema, envelope.update)
             if self.state is None
             else apply_update(self.state, envelope.update)
         )
         turn = TurnCursor(
-            message_id=envelope.message_id, next=self._behavior.first_step, context=envelope.context
+            message_id=envelope.message_id,
+            next=self._ctx.behavior.first_step,
+            context=envelope.context,
         )
         await self._commit(
             "input", [envelope.update], state, turn, envelope, consumed=envelope.message_id
@@ -464,7 +480,7 @@ class ThreadActor(Generic[S]):
         while cursor is not None:
             assert self.state is not None
             try:
-                outcome = await self._behavior.step(self.thread_id, self.state, cursor, emit)
+                outcome = await self._ctx.behavior.step(self.thread_id, self.state, cursor, emit)
             except Exception as exc:
                 # Record the abort so no later activation re-runs a turn that
                 # fails deterministically; the state itself stays as committed.
@@ -487,7 +503,7 @@ class ThreadActor(Generic[S]):
             envelope.resolve(self._result(envelope))
 
     async def _update(self, envelope: Envelope) -> None:
-        schema = self._behavior.state_schema
+        schema = self._ctx.behavior.state_schema
         state = (
             initial_state(schema, envelope.update)
             if self.state is None
@@ -505,7 +521,7 @@ class ThreadActor(Generic[S]):
 
     async def _delete(self, envelope: Envelope) -> None:
         existed = await self._journal.delete()
-        self.state, self.turn, self._recent = None, None, []
+        self.state, self.turn, self._recent = None, None, ()
         self.ready = False  # the tombstone bumped the epoch: re-acquire for new work
         _log.info("thread.deleted", existed=existed)
         envelope.resolve(existed)

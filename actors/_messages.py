@@ -85,6 +85,7 @@ class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=Tru
         if not self.tool_calls and self.tool_calls != ():
             # So AIMessage("x", tool_calls=[]) == AIMessage("x").
             msgspec.structs.force_setattr(self, "tool_calls", ())
+
     usage: dict[str, int] | None = None
     response_metadata: dict[str, Any] | None = None
 
@@ -244,8 +245,13 @@ def ensure_id(message: MessageLike) -> MessageLike:
     return msgspec.structs.replace(message, id=new_id())
 
 
-def coerce_messages(value: object) -> list[MessageLike]:
-    """Coerce one message or a list of them, giving each a stable id."""
+def coerce_messages(value: object, *, first_id: str | None = None) -> list[MessageLike]:
+    """Coerce one message or a list of them, giving each a stable id.
+
+    ``first_id`` is the id for the first message that comes without one (the
+    system passes the delivery's message id: one id string per message, not
+    two); the others get fresh ids.
+    """
     items: Iterable[object]
     if isinstance(value, (str, Mapping, _Message)):
         items = (value,)
@@ -255,7 +261,13 @@ def coerce_messages(value: object) -> list[MessageLike]:
         raise InvalidMessageError(
             f"'messages' must be a message or a list of messages, got {type(value).__name__}"
         )
-    return [ensure_id(coerce_message(item)) for item in items]
+    out = []
+    for item in items:
+        message = coerce_message(item)
+        if not message.id and first_id:
+            message, first_id = msgspec.structs.replace(message, id=first_id), None
+        out.append(ensure_id(message))
+    return out
 
 
 def to_openai(message: AnyMessage) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def schema_info(cls: type[AgentState]) -> _Schema:
 
 
 def normalize_update(
-    cls: type[AgentState], update: object, *, source: str = "update"
+    cls: type[AgentState], update: object, *, source: str = "update", first_id: str | None = None
 ) -> dict[str, Any]:
     """Validate an update dict against the schema; coerce messages, give them ids.
 
@@ -161,7 +161,7 @@ def normalize_update(
             )
         if key == "messages":
             try:
-                out[key] = coerce_messages(value)
+                out[key] = coerce_messages(value, first_id=first_id)
             except InvalidUpdateError:
                 raise
             except Exception as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
@@ -25,6 +24,7 @@ from threadline.actors import (
     ThreadNotFoundError,
 )
 from threadline.actors._actor import (
+    ActorContext,
     Envelope,
     StreamPart,
     ThreadActor,
@@ -129,11 +129,9 @@ class ActorSystem(Generic[S]):
         agent.store = store
         agent.resources = dict(resources or {})
         self._codec: Codec[S] = Codec(agent.state_schema)
-        self._capacity = mailbox_capacity
         self._max_bytes = max_message_bytes
         self._max_id = max_thread_id_length
         self._passivate_after = passivate_after
-        self._keep = keep_consumed
         self._shutdown_timeout = shutdown_timeout
         # Insertion-ordered by last delivery (a plain dict is smaller than an OrderedDict).
         self._actors: dict[str, ThreadActor[S]] = {}
@@ -143,6 +141,12 @@ class ActorSystem(Generic[S]):
         self._busy = 0  # actors with a drain task
         self._drained: anyio.Event | None = None
         self._encoder = msgspec.msgpack.Encoder()
+        self._context: ActorContext[S] = ActorContext(
+            behavior=agent,
+            spawn=self._spawn,
+            capacity=mailbox_capacity,
+            keep_consumed=keep_consumed,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -195,11 +199,15 @@ class ActorSystem(Generic[S]):
                 self._drained.set()
 
     async def _passivate_idle(self) -> None:
-        """Drop idle actors from memory; their state is durable, so this is free."""
+        """Drop idle actors from memory; their state is durable, so this is free.
+
+        Actors stamp their activity with the shared clock this loop ticks, so
+        a stamp is up to one interval old: the horizon allows for that.
+        """
         interval = max(min(self._passivate_after / 4, 5.0), 0.01)
         while True:
             await anyio.sleep(interval)
-            horizon = time.monotonic() - self._passivate_after
+            horizon = self._context.tick() - self._passivate_after - interval
             expired = []
             for thread_id, actor in self._actors.items():
                 if actor.last_active > horizon:
@@ -219,11 +227,8 @@ class ActorSystem(Generic[S]):
         if actor is None:
             actor = ThreadActor(
                 thread_id,
-                behavior=self.agent,
+                context=self._context,
                 journal=ThreadJournal(self.snapshots, self._codec, thread_id),
-                spawn=self._spawn,
-                capacity=self._capacity,
-                keep_consumed=self._keep,
             )
         else:
             del self._actors[thread_id]  # re-inserted below: moves it to the end
@@ -243,7 +248,7 @@ class ActorSystem(Generic[S]):
             message_id = new_id()
         elif not isinstance(message_id, str) or not message_id or len(message_id) > 256:
             raise InvalidInputError("message_id must be a non-empty str of at most 256 characters")
-        update = self._input_update(input)
+        update = self._input_update(input, message_id)
         raw_context = self.agent.context.dump(context)
         size = len(self._encoder.encode(update)) + len(self._encoder.encode(raw_context))
         if size > self._max_bytes:
@@ -252,14 +257,14 @@ class ActorSystem(Generic[S]):
             )
         return Envelope("input", message_id, update, raw_context, **kw)
 
-    def _input_update(self, input: Input) -> dict[str, Any]:
+    def _input_update(self, input: Input, message_id: str) -> dict[str, Any]:
         """A plain message, a list of them, or a state update dict with 'messages'."""
         schema = self.agent.state_schema
         if isinstance(input, (str, _Message, list, tuple)) or (
             isinstance(input, Mapping) and ("role" in input or "type" in input)
         ):
-            return {"messages": coerce_messages(input)}
-        return normalize_update(schema, input, source="input")
+            return {"messages": coerce_messages(input, first_id=message_id)}
+        return normalize_update(schema, input, source="input", first_id=message_id)
 
     # -- messaging ---------------------------------------------------------------
 

@@ -468,3 +468,14 @@ async def test_resources_reach_tools_and_context_survives_a_parked_turn() -> Non
     assert seen[:2] == [("Ann", "pool-1"), ("Ann", "pool-2")]
     texts = [m.content for m in result.messages if isinstance(m, AIMessage)]
     assert texts == ["", "you are Ann", "", "you are Bo"]
+
+
+async def test_delivery_id_names_the_message_unless_it_has_its_own() -> None:
+    async with ActorSystem(Agent(model=ScriptedModel(echo))) as system:
+        plain = await system.ask("t", "hi")
+        assert plain.messages[0].id == plain.message_id
+        given = await system.ask("t", "again", message_id="delivery-7")
+        assert given.messages[2].id == "delivery-7"
+        own = await system.ask("t", HumanMessage("mine", id="my-id"), message_id="delivery-8")
+        assert own.messages[4].id == "my-id"
+        assert own.message_id == "delivery-8"
