@@ -38,7 +38,6 @@ from ._state import AgentState, apply_update, initial_state
 S = TypeVar("S", bound=AgentState)
 S_co = TypeVar("S_co", bound=AgentState, covariant=True)
 
-_log = structlog.get_logger("threadline")
 
 StreamMode = Literal["values", "updates", "custom", "messages"]
 
@@ -232,13 +231,13 @@ class Envelope:
 
 class ActorContext(Generic[S]):
     """What every actor of one system shares (one object, not a copy per actor:
-    idle actors are most of the memory of a busy system).
+    idle actors are most of the memory of a busy system), the logger included.
 
     ``clock`` is a coarse monotonic time the system ticks; actors stamp their
     activity with it, sharing its float object instead of making one each.
     """
 
-    __slots__ = ("behavior", "capacity", "clock", "keep_consumed", "spawn")
+    __slots__ = ("behavior", "capacity", "clock", "keep_consumed", "log", "spawn")
 
     def __init__(
         self,
@@ -253,6 +252,10 @@ class ActorContext(Generic[S]):
         self.capacity = capacity
         self.keep_consumed = keep_consumed
         self.clock = time.monotonic()
+        # Resolved now (when the application has configured structlog), not at
+        # every call: an unresolved proxy re-binds on each log call, which
+        # costs more than the commit it reports.
+        self.log: Any = structlog.get_logger("threadline").bind()
 
     def tick(self) -> float:
         self.clock = time.monotonic()
@@ -378,13 +381,13 @@ class ThreadActor(Generic[S]):
                 # Memory may be ahead of (or behind) the store: reload before
                 # the next message. A fenced actor re-acquires then, too.
                 self.ready = False
-                _log.warning(
+                self._ctx.log.warning(
                     "thread.commit_failed", error=str(exc), fenced=isinstance(exc, FencedError)
                 )
             envelope.fail(exc)
         except Exception as exc:
             self.ready = False
-            _log.exception("thread.error")
+            self._ctx.log.exception("thread.error")
             envelope.fail(exc)
 
     async def _activate(self) -> None:
@@ -393,7 +396,9 @@ class ThreadActor(Generic[S]):
         self.state, self.turn = recovered.state, recovered.turn
         self._recent = tuple(recovered.consumed)
         self.ready = True
-        _log.info("thread.activated", version=recovered.version, resume=self.turn is not None)
+        self._ctx.log.info(
+            "thread.activated", version=recovered.version, resume=self.turn is not None
+        )
         if self.turn is not None:
             # A failure is recorded durably as an abort step and logged; nobody awaits it.
             with contextlib.suppress(TurnFailedError):
@@ -425,7 +430,7 @@ class ThreadActor(Generic[S]):
         )
         self.state, self.turn = state, turn
         version = self._journal.version
-        _log.debug("step.committed", version=version, kind=kind)
+        self._ctx.log.debug("step.committed", version=version, kind=kind)
         if envelope is not None and envelope.sink is not None:
             envelope.emit(
                 StreamPart(
@@ -448,7 +453,7 @@ class ThreadActor(Generic[S]):
 
     async def _input(self, envelope: Envelope) -> None:
         if envelope.message_id in self._recent:
-            _log.info("message.duplicate", message_id=envelope.message_id)
+            self._ctx.log.info("message.duplicate", message_id=envelope.message_id)
             if self.state is not None:
                 envelope.resolve(self._result(envelope, duplicate=True))
                 return
@@ -490,7 +495,7 @@ class ThreadActor(Generic[S]):
                     thread_id=self.thread_id,
                     step=cursor.next,
                 )
-                _log.warning("turn.failed", step=cursor.next, error=repr(exc))
+                self._ctx.log.warning("turn.failed", step=cursor.next, error=repr(exc))
                 await self._commit(
                     "abort", [], self.state, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]
                 )
@@ -523,7 +528,7 @@ class ThreadActor(Generic[S]):
         existed = await self._journal.delete()
         self.state, self.turn, self._recent = None, None, ()
         self.ready = False  # the tombstone bumped the epoch: re-acquire for new work
-        _log.info("thread.deleted", existed=existed)
+        self._ctx.log.info("thread.deleted", existed=existed)
         envelope.resolve(existed)
 
 
