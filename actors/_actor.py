@@ -135,6 +135,7 @@ class Journal(Protocol[S]):
     """A thread's durable log (``threadline.persistence.ThreadJournal``)."""
 
     version: int
+    epoch: int
 
     async def open(self, keep_consumed: int) -> Recovered[S]: ...
 
@@ -350,7 +351,7 @@ class ThreadActor(Generic[S]):
             if self._current is not None:
                 self._current.fail(closed)
                 self._current = None
-            for envelope in self.mailbox.drain():
+            for envelope in self._mailbox.drain() if self._mailbox else ():
                 envelope.fail(closed)
             self.ready = False
             raise
@@ -368,7 +369,7 @@ class ThreadActor(Generic[S]):
                 except PersistenceError:
                     # A delete must work on a thread that no longer loads (say,
                     # a corrupt record): ownership was taken before the load.
-                    if envelope.kind != "delete" or getattr(self._journal, "epoch", 0) == 0:
+                    if envelope.kind != "delete" or not self._journal.epoch:
                         raise
             if envelope.kind == "input":
                 await self._input(envelope)
@@ -382,7 +383,10 @@ class ThreadActor(Generic[S]):
                 # the next message. A fenced actor re-acquires then, too.
                 self.ready = False
                 self._ctx.log.warning(
-                    "thread.commit_failed", error=str(exc), fenced=isinstance(exc, FencedError)
+                    "thread.store_error",
+                    error=str(exc),
+                    kind=type(exc).__name__,
+                    fenced=isinstance(exc, FencedError),
                 )
             envelope.fail(exc)
         except Exception as exc:
