@@ -60,6 +60,32 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     goto: Literal["model", "tools", "end"] | None = None
 
 
+_CACHE_IDS_FROM = 64
+
+
+class _MessageList(list):  # type: ignore[type-arg]
+    """A long history that remembers the ids in it, so appending to it does
+    not rebuild a set of every id on each step (what made a step's cost grow
+    with history).
+
+    ``ids`` is shared by the lists appended from one another and only grows:
+    it may hold ids a given list no longer has (that just sends a step down
+    the exact slow path), never miss one it has. Short histories stay plain
+    lists: a set per idle thread would cost more memory than it saves time.
+    """
+
+    __slots__ = ("ids",)
+    ids: set[str]
+
+
+def _appended(merged: list[AnyMessage], ids: set[str]) -> list[AnyMessage]:
+    if len(merged) < _CACHE_IDS_FROM:
+        return merged
+    out = _MessageList(merged)
+    out.ids = ids
+    return out
+
+
 def add_messages(left: Sequence[AnyMessage], right: Sequence[MessageLike]) -> list[AnyMessage]:
     """Merge ``right`` into ``left``: append; same id replaces; remove by id.
 
@@ -77,13 +103,14 @@ def add_messages(left: Sequence[AnyMessage], right: Sequence[MessageLike]) -> li
     # Fast path: the usual step appends messages with fresh ids (new to the
     # thread and to each other).
     if not any(isinstance(m, RemoveMessage) for m in right):
-        ids = {m.id for m in left}
+        cached = getattr(left, "ids", None)
+        ids = cached if cached is not None else {m.id for m in left}
         for m in right:
             if m.id in ids:
-                break
+                break  # (ids added so far are in the result either way)
             ids.add(m.id)
         else:
-            return [*left, *right]  # type: ignore[list-item]
+            return _appended([*left, *right], ids)  # type: ignore[list-item]
     merged: list[AnyMessage | None] = list(left)
     index = {m.id: i for i, m in enumerate(left)}
     removed: set[str] = set()

@@ -233,3 +233,66 @@ def test_merge_updates_last_value_wins() -> None:
 def test_same_id_twice_in_one_update_replaces() -> None:
     first, second = HumanMessage("v1", id="x"), HumanMessage("v2", id="x")
     assert add_messages([], [first, second]) == [second]
+
+
+def test_long_histories_keep_their_ids_and_stay_exact() -> None:
+    history: list[Any] = []
+    for i in range(100):
+        history = add_messages(history, coerce_messages([f"q{i}", f"a{i}"]))
+    assert len(history) == 200
+    branch = add_messages(history, coerce_messages(["fresh"]))
+    # Replacing by id still works through the remembered ids, on either list.
+    same_id = HumanMessage("edited", id=history[5].id)
+    edited = add_messages(history, [same_id])
+    assert len(edited) == 200 and edited[5].content == "edited"
+    assert [m.content for m in add_messages(branch, [same_id])][5] == "edited"
+    # A removal goes the exact way and later appends stay correct.
+    trimmed = add_messages(branch, [RemoveMessage(id=history[0].id)])
+    assert len(trimmed) == 200
+    again = add_messages(trimmed, [HumanMessage("back", id=history[0].id)])
+    assert again[-1].content == "back" and len(again) == 201
+    assert history == [m for m in branch[:-1]]
+
+
+def _reference_add_messages(left: list[Any], right: list[Any]) -> list[Any]:
+    """LangGraph's add_messages, written plainly (no fast paths, no caches)."""
+    cut = max((i for i, m in enumerate(right) if m.id == REMOVE_ALL_MESSAGES), default=-1)
+    if cut >= 0:
+        return [m for m in right[cut + 1 :] if not isinstance(m, RemoveMessage)]
+    merged = list(left)
+    for m in right:
+        positions = [i for i, x in enumerate(merged) if x is not None and x.id == m.id]
+        if isinstance(m, RemoveMessage):
+            merged[positions[0]] = None
+        elif positions:
+            merged[positions[0]] = m
+        else:
+            merged.append(m)
+    return [m for m in merged if m is not None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_add_messages_on_long_histories_matches_the_reference(data: st.DataObject) -> None:
+    base = [HumanMessage(f"m{i}", id=f"m{i}") for i in range(70)]
+    ours: list[Any] = add_messages([], base)
+    reference: list[Any] = list(base)
+    for step in range(data.draw(st.integers(1, 8))):
+        present = [m.id for m in reference]
+        right: list[Any] = []
+        for _ in range(data.draw(st.integers(1, 3))):
+            kind = data.draw(st.sampled_from(["new", "replace", "remove"]))
+            if kind == "remove" and present:
+                victim = data.draw(st.sampled_from(present))
+                present.remove(victim)
+                right.append(RemoveMessage(id=victim))
+            elif kind == "replace" and present:
+                right.append(HumanMessage(f"v{step}", id=data.draw(st.sampled_from(present))))
+            else:
+                new = f"n{step}-{len(right)}-{data.draw(st.integers(0, 2))}"
+                if new not in present:
+                    present.append(new)
+                right.append(HumanMessage("new", id=new))
+        ours = add_messages(ours, right)
+        reference = _reference_add_messages(reference, right)
+        assert ours == reference
