@@ -12,7 +12,6 @@ from typing import Any, Generic, Self, TypeVar
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskGroup
 
 from threadline.actors import (
@@ -39,7 +38,9 @@ from threadline.actors._state import normalize_update
 from threadline.persistence import (
     Codec,
     MemorySnapshotStore,
+    RedisSnapshotStore,
     SnapshotStore,
+    SqliteSnapshotStore,
     Store,
     ThreadJournal,
     load_thread,
@@ -49,8 +50,6 @@ from threadline.persistence import (
 from ._agent import Agent
 
 S = TypeVar("S", bound=AgentState)
-
-_log = structlog.get_logger("threadline")
 
 Input = str | Mapping[str, Any] | AnyMessage | Sequence[Any]
 
@@ -64,13 +63,9 @@ def open_snapshot_store(spec: SnapshotStore | str | os.PathLike[str] | None) -> 
         return spec
     text = os.fspath(spec)
     if text.startswith(("redis://", "rediss://", "unix://")):
-        from threadline.persistence import RedisSnapshotStore
-
         return RedisSnapshotStore.from_url(text)
     if text == "memory://":
         return MemorySnapshotStore()
-    from threadline.persistence import SqliteSnapshotStore
-
     return SqliteSnapshotStore(text.removeprefix("sqlite://"))
 
 
@@ -205,6 +200,7 @@ class ActorSystem(Generic[S]):
         a stamp is up to one interval old: the horizon allows for that.
         """
         interval = max(min(self._passivate_after / 4, 5.0), 0.01)
+        log = self._context.log
         while True:
             await anyio.sleep(interval)
             horizon = self._context.tick() - self._passivate_after - interval
@@ -216,7 +212,7 @@ class ActorSystem(Generic[S]):
                     expired.append(thread_id)
             for thread_id in expired:
                 actor = self._actors.pop(thread_id)
-                _log.debug("thread.passivated", thread_id=thread_id, version=actor.version)
+                log.debug("thread.passivated", thread_id=thread_id, version=actor.version)
 
     # -- routing -----------------------------------------------------------------
 
