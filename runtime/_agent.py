@@ -22,6 +22,8 @@ from threadline.actors._state import apply_update, normalize_update, schema_info
 
 from ._context import ContextCodec, ModelRequest, Runtime, ToolCallRequest, ToolRuntime
 from ._middleware import (
+    NODE_HOOKS,
+    WRAP_HOOKS,
     AgentMiddleware,
     HookResult,
     ModelHandler,
@@ -111,19 +113,10 @@ class Agent(Generic[S]):
         self.context = ContextCodec(context_schema)
         self._hooks = {
             hook: [m for m in self.middleware if m.overrides(hook)]
-            for hook in (
-                "before_agent",
-                "before_model",
-                "after_model",
-                "after_agent",
-                "wrap_model_call",
-                "wrap_tool_call",
-            )
+            for hook in (*NODE_HOOKS, *WRAP_HOOKS)
         }
         self._model_chain = self._chain_model()
         self._tool_chain = self._chain_tools()
-        self.store: Any = None
-        self.resources: Mapping[str, Any] = {}
 
     @property
     def state_schema(self) -> type[S]:
@@ -189,12 +182,28 @@ class Agent(Generic[S]):
 
     # -- steps -------------------------------------------------------------------
 
-    async def step(self, thread_id: str, state: S, turn: TurnCursor, emit: Emit) -> StepOutcome[S]:
+    def bind(
+        self, *, store: Any = None, resources: Mapping[str, Any] | None = None
+    ) -> BoundAgent[S]:
+        """This agent with one system's store and resources (the agent itself
+        stays shareable between systems)."""
+        return BoundAgent(self, store, dict(resources or {}))
+
+    async def step(
+        self,
+        thread_id: str,
+        state: S,
+        turn: TurnCursor,
+        emit: Emit,
+        *,
+        store: Any = None,
+        resources: Mapping[str, Any] | None = None,
+    ) -> StepOutcome[S]:
         runtime: Runtime[Any] = Runtime(
             context=self.context.load(turn.context),
-            store=self.store,
+            store=store,
             thread_id=thread_id,
-            resources=self.resources,
+            resources=resources or {},
             emit=emit,
         )
         if turn.next == "model":
@@ -333,6 +342,30 @@ class Agent(Generic[S]):
         else:
             nxt = msgspec.structs.replace(turn, next=goto, tool_calls=turn.tool_calls + len(calls))
         return StepOutcome("tools", step.updates, step.state, nxt)
+
+
+class BoundAgent(Generic[S]):
+    """An agent bound to one system's store and resources: the actors' behavior."""
+
+    __slots__ = ("agent", "resources", "store")
+
+    def __init__(self, agent: Agent[S], store: Any, resources: Mapping[str, Any]) -> None:
+        self.agent = agent
+        self.store = store
+        self.resources = resources
+
+    @property
+    def state_schema(self) -> type[S]:
+        return self.agent.state_schema
+
+    @property
+    def first_step(self) -> str:
+        return self.agent.first_step
+
+    async def step(self, thread_id: str, state: S, turn: TurnCursor, emit: Emit) -> StepOutcome[S]:
+        return await self.agent.step(
+            thread_id, state, turn, emit, store=self.store, resources=self.resources
+        )
 
 
 class _Step(Generic[S]):

@@ -121,8 +121,6 @@ class ActorSystem(Generic[S]):
         self.agent = agent
         self.snapshots = open_snapshot_store(snapshots)
         self.store = store
-        agent.store = store
-        agent.resources = dict(resources or {})
         self._codec: Codec[S] = Codec(agent.state_schema)
         self._max_bytes = max_message_bytes
         self._max_id = max_thread_id_length
@@ -137,7 +135,7 @@ class ActorSystem(Generic[S]):
         self._drained: anyio.Event | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._context: ActorContext[S] = ActorContext(
-            behavior=agent,
+            behavior=agent.bind(store=store, resources=resources),
             spawn=self._spawn,
             capacity=mailbox_capacity,
             keep_consumed=keep_consumed,

@@ -479,3 +479,17 @@ async def test_delivery_id_names_the_message_unless_it_has_its_own() -> None:
         own = await system.ask("t", HumanMessage("mine", id="my-id"), message_id="delivery-8")
         assert own.messages[4].id == "my-id"
         assert own.message_id == "delivery-8"
+
+
+async def test_systems_sharing_one_agent_keep_their_own_resources() -> None:
+    def which(runtime: ToolRuntime) -> str:
+        """Name the pool."""
+        return str(runtime.resources["pool"])
+
+    agent = Agent(model=ScriptedModel(after_tools), tools=[which])
+    async with (
+        ActorSystem(agent, resources={"pool": "one"}) as first,
+        ActorSystem(agent, resources={"pool": "two"}) as second,
+    ):
+        assert (await first.ask("t", "use which")).text == "results: one"
+        assert (await second.ask("t", "use which")).text == "results: two"
