@@ -299,3 +299,26 @@ async def test_sqlite_file_is_private(tmp_path: Path) -> None:
     async with ActorSystem(Agent(model=ScriptedModel(echo)), snapshots=db) as system:
         await system.ask("t", "hi")
     assert os.stat(db).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.redis
+async def test_redis_down_is_a_typed_error_and_the_thread_continues_after_restart(
+    redis_server: Any, open_store: Any
+) -> None:
+    from threadline.actors import StoreUnavailableError
+
+    agent = Agent(model=ScriptedModel(echo))
+    async with ActorSystem(agent, snapshots=open_store("redis")) as system:
+        await system.ask("t", "before")
+        redis_server.kill()
+        try:
+            with pytest.raises(StoreUnavailableError):
+                await system.ask("t", "while down", timeout=30)
+        finally:
+            redis_server.start()
+        result = await system.ask("t", "after")
+    humans = [m.content for m in result.messages if isinstance(m, HumanMessage)]
+    # The failed message was never committed (its input step did not land);
+    # nothing acknowledged was lost and history did not fork.
+    assert humans == ["before", "after"]
+    assert result.version == 4
