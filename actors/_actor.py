@@ -36,10 +36,6 @@ from ._records import Recovered, TurnCursor
 from ._state import AgentState, apply_update, initial_state
 
 S = TypeVar("S", bound=AgentState)
-S_co = TypeVar("S_co", bound=AgentState, covariant=True)
-
-
-StreamMode = Literal["values", "updates", "custom", "messages"]
 
 
 class StreamPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -208,10 +204,6 @@ class Envelope:
         if self.sink is not None:
             self.sink.close()
             self.sink = None
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
 
     async def wait(self) -> Any:
         await self._done.wait()

@@ -85,10 +85,6 @@ class GroupCommitter(Generic[T]):
         self._finished = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     async def __aenter__(self) -> Self:
         if self._tg is not None or self._finished.is_set():
             raise RuntimeError("a GroupCommitter can only be entered once")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar, overload
+from typing import Any, ClassVar, overload
 
 from threadline.actors import AgentState, AIMessage, Command, ToolMessage
 
@@ -69,9 +69,6 @@ class AgentMiddleware:
 
 async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
-
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _function_middleware(
