@@ -1,5 +1,6 @@
 """What a thread is: messages, state and reducers, the actor and its mailbox."""
 
+from ._errors import CallLimitExceededError as CallLimitExceededError
 from ._errors import ConflictError as ConflictError
 from ._errors import FencedError as FencedError
 from ._errors import InvalidContextError as InvalidContextError
@@ -7,8 +8,15 @@ from ._errors import InvalidInputError as InvalidInputError
 from ._errors import InvalidMessageError as InvalidMessageError
 from ._errors import InvalidThreadIdError as InvalidThreadIdError
 from ._errors import InvalidUpdateError as InvalidUpdateError
+from ._errors import ItemCorruptError as ItemCorruptError
 from ._errors import MailboxFullError as MailboxFullError
 from ._errors import MessageTooLargeError as MessageTooLargeError
+from ._errors import ModelCallLimitExceededError as ModelCallLimitExceededError
+from ._errors import ModelConnectionError as ModelConnectionError
+from ._errors import ModelError as ModelError
+from ._errors import ModelHTTPError as ModelHTTPError
+from ._errors import ModelResponseError as ModelResponseError
+from ._errors import ModelTimeoutError as ModelTimeoutError
 from ._errors import PersistenceError as PersistenceError
 from ._errors import SnapshotCorruptError as SnapshotCorruptError
 from ._errors import SnapshotFormatError as SnapshotFormatError
@@ -16,10 +24,12 @@ from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import SystemClosedError as SystemClosedError
 from ._errors import ThreadlineError as ThreadlineError
 from ._errors import ThreadNotFoundError as ThreadNotFoundError
+from ._errors import ToolCallLimitExceededError as ToolCallLimitExceededError
 from ._errors import TurnFailedError as TurnFailedError
 from ._messages import REMOVE_ALL_MESSAGES as REMOVE_ALL_MESSAGES
 from ._messages import AIMessage as AIMessage
 from ._messages import AnyMessage as AnyMessage
+from ._messages import BaseMessage as BaseMessage
 from ._messages import HumanMessage as HumanMessage
 from ._messages import MessageLike as MessageLike
 from ._messages import RemoveMessage as RemoveMessage
@@ -36,10 +46,11 @@ from ._state import apply_update as apply_update
 from ._state import normalize_update as normalize_update
 
 __all__ = (
-    "REMOVE_ALL_MESSAGES",
     "AIMessage",
     "AgentState",
     "AnyMessage",
+    "BaseMessage",
+    "CallLimitExceededError",
     "Command",
     "ConflictError",
     "FencedError",
@@ -49,10 +60,18 @@ __all__ = (
     "InvalidMessageError",
     "InvalidThreadIdError",
     "InvalidUpdateError",
+    "ItemCorruptError",
     "MailboxFullError",
     "MessageLike",
     "MessageTooLargeError",
+    "ModelCallLimitExceededError",
+    "ModelConnectionError",
+    "ModelError",
+    "ModelHTTPError",
+    "ModelResponseError",
+    "ModelTimeoutError",
     "PersistenceError",
+    "REMOVE_ALL_MESSAGES",
     "RemoveMessage",
     "SnapshotCorruptError",
     "SnapshotFormatError",
@@ -62,6 +81,7 @@ __all__ = (
     "ThreadNotFoundError",
     "ThreadlineError",
     "ToolCall",
+    "ToolCallLimitExceededError",
     "ToolMessage",
     "TurnFailedError",
     "add_messages",

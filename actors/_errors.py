@@ -12,19 +12,32 @@
     ├── MailboxFullError             tell_nowait on a full mailbox
     ├── SystemClosedError            the ActorSystem is not running (or is shutting down)
     ├── TurnFailedError              a model, tool-chain or hook failed; the turn was aborted
+    ├── ModelError                   a chat model call failed
+    │   ├── ModelHTTPError           the model server answered with an error status
+    │   ├── ModelTimeoutError        an attempt took longer than the model's timeout
+    │   ├── ModelConnectionError     the model server could not be reached
+    │   └── ModelResponseError       the answer cannot be used (bad JSON, bad tool arguments)
+    ├── CallLimitExceededError       a call-limit middleware with exit_behavior="error"
+    │   ├── ModelCallLimitExceededError
+    │   └── ToolCallLimitExceededError
     ├── PersistenceError             anything the durable store says
     │   ├── ConflictError            the stored version is not the one the writer built on
     │   ├── FencedError              a newer owner (epoch) holds the thread
     │   ├── SnapshotCorruptError     checksum mismatch, undecodable record or state
     │   ├── SnapshotFormatError      a record written by a newer threadline
+    │   ├── ItemCorruptError         a cross-conversation store item that cannot be decoded
     │   └── StoreUnavailableError    the backend failed (I/O error, connection refused, ...)
     └── ThreadNotFoundError          no such thread
 
-The tree lives in ``threadline.actors`` because everything else imports it; the
-runtime and persistence packages re-export the members that concern them.
+This module is the one home of the tree; it lives in ``threadline.actors``
+because everything else imports that package. ``threadline`` re-exports every
+member; ``threadline.runtime`` and ``threadline.persistence`` re-export the
+members that concern them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ThreadlineError(Exception):
@@ -100,5 +113,110 @@ class StoreUnavailableError(PersistenceError):
     """The backing store failed; the outcome of an in-flight commit is unknown."""
 
 
+class ItemCorruptError(PersistenceError):
+    """An item of the cross-conversation ``Store`` cannot be decoded."""
+
+
 class ThreadNotFoundError(ThreadlineError, LookupError):
     """No thread with this id exists."""
+
+
+class ModelError(ThreadlineError):
+    """A chat model call failed."""
+
+
+class ModelHTTPError(ModelError):
+    """The model server answered with an error status.
+
+    ``message`` is the server's own error message (OpenAI's
+    ``{"error": {"message": ...}}``, or the body text); ``body`` is the
+    decoded body (or its text).
+    """
+
+    def __init__(self, status_code: int, message: str, *, url: str = "", body: Any = None) -> None:
+        super().__init__(f"HTTP {status_code} from {url or 'the model server'}: {message}")
+        self.status_code = status_code
+        self.message = message
+        self.url = url
+        self.body = body
+
+
+class ModelTimeoutError(ModelError, TimeoutError):
+    """An attempt took longer than the model's ``timeout``."""
+
+
+class ModelConnectionError(ModelError, ConnectionError):
+    """The model server could not be reached, or the connection broke."""
+
+
+class ModelResponseError(ModelError):
+    """The model's answer cannot be used (undecodable JSON, bad tool-call arguments)."""
+
+
+def limits_text(
+    thread_count: int, run_count: int, thread_limit: int | None, run_limit: int | None
+) -> str:
+    parts = []
+    if thread_limit is not None and thread_count >= thread_limit:
+        parts.append(f"thread limit ({thread_count}/{thread_limit})")
+    if run_limit is not None and run_count >= run_limit:
+        parts.append(f"run limit ({run_count}/{run_limit})")
+    return ", ".join(parts)
+
+
+class CallLimitExceededError(ThreadlineError):
+    """A call-limit middleware with ``exit_behavior="error"`` reached a limit."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        thread_count: int,
+        run_count: int,
+        thread_limit: int | None,
+        run_limit: int | None,
+    ) -> None:
+        super().__init__(
+            f"{what} exceeded: " + limits_text(thread_count, run_count, thread_limit, run_limit)
+        )
+        self.thread_count = thread_count
+        self.run_count = run_count
+        self.thread_limit = thread_limit
+        self.run_limit = run_limit
+
+
+class ModelCallLimitExceededError(CallLimitExceededError):
+    """``ModelCallLimitMiddleware(exit_behavior="error")``: a limit was reached."""
+
+    def __init__(
+        self, *, thread_count: int, run_count: int, thread_limit: int | None, run_limit: int | None
+    ) -> None:
+        super().__init__(
+            "Model call limits",
+            thread_count=thread_count,
+            run_count=run_count,
+            thread_limit=thread_limit,
+            run_limit=run_limit,
+        )
+
+
+class ToolCallLimitExceededError(CallLimitExceededError):
+    """``ToolCallLimitMiddleware(exit_behavior="error")``: a limit was reached."""
+
+    def __init__(
+        self,
+        *,
+        tool_name: str | None,
+        thread_count: int,
+        run_count: int,
+        thread_limit: int | None,
+        run_limit: int | None,
+    ) -> None:
+        super().__init__(
+            f"Tool call limits for {tool_name!r}" if tool_name else "Tool call limits",
+            thread_count=thread_count,
+            run_count=run_count,
+            thread_limit=thread_limit,
+            run_limit=run_limit,
+        )
+        self.tool_name = tool_name

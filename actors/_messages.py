@@ -45,7 +45,7 @@ class _Content(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True
     content: str = ""
 
 
-class _Message(_Content, frozen=True, kw_only=True, omit_defaults=True):
+class BaseMessage(_Content, frozen=True, kw_only=True, omit_defaults=True):
     id: str = ""
     name: str | None = None
 
@@ -66,15 +66,15 @@ class _Message(_Content, frozen=True, kw_only=True, omit_defaults=True):
         print(self.pretty_repr())  # mirrors LangChain's helper
 
 
-class SystemMessage(_Message, frozen=True, tag="system", omit_defaults=True):
+class SystemMessage(BaseMessage, frozen=True, tag="system", omit_defaults=True):
     """Instructions for the model."""
 
 
-class HumanMessage(_Message, frozen=True, tag="human", omit_defaults=True):
+class HumanMessage(BaseMessage, frozen=True, tag="human", omit_defaults=True):
     """A message from the user."""
 
 
-class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=True):
+class AIMessage(BaseMessage, frozen=True, kw_only=True, tag="ai", omit_defaults=True):
     """A model's answer: text and optionally tool calls."""
 
     # A shared empty tuple by default: most AI messages call no tool, and an
@@ -97,14 +97,14 @@ class AIMessage(_Message, frozen=True, kw_only=True, tag="ai", omit_defaults=Tru
         return out
 
 
-class ToolMessage(_Message, frozen=True, kw_only=True, tag="tool", omit_defaults=True):
+class ToolMessage(BaseMessage, frozen=True, kw_only=True, tag="tool", omit_defaults=True):
     """The result of one tool call."""
 
     tool_call_id: str
     status: Literal["success", "error"] = "success"
 
 
-class RemoveMessage(_Message, frozen=True, kw_only=True, tag="remove", omit_defaults=True):
+class RemoveMessage(BaseMessage, frozen=True, kw_only=True, tag="remove", omit_defaults=True):
     """Asks the ``add_messages`` reducer to delete the message with this id."""
 
     id: str
@@ -124,7 +124,7 @@ _TAGS: Final[dict[type[Any], str]] = {
     RemoveMessage: "remove",
 }
 
-_ROLES: Final[dict[str, type[_Message]]] = {
+_ROLES: Final[dict[str, type[BaseMessage]]] = {
     "user": HumanMessage,
     "human": HumanMessage,
     "assistant": AIMessage,
@@ -224,7 +224,7 @@ def coerce_message(value: object) -> MessageLike:
 
     The result keeps its id if it had one; ``ensure_id`` assigns one.
     """
-    if isinstance(value, _Message):
+    if isinstance(value, BaseMessage):
         if not isinstance(value.content, str):
             raise InvalidMessageError("message content must be a string")
         return cast(MessageLike, value)
@@ -253,7 +253,7 @@ def coerce_messages(value: object, *, first_id: str | None = None) -> list[Messa
     two); the others get fresh ids.
     """
     items: Iterable[object]
-    if isinstance(value, (str, Mapping, _Message)):
+    if isinstance(value, (str, Mapping, BaseMessage)):
         items = (value,)
     elif isinstance(value, (list, tuple)):
         items = value

@@ -3,6 +3,7 @@ cross-conversation store."""
 
 from threadline.actors import ConflictError as ConflictError
 from threadline.actors import FencedError as FencedError
+from threadline.actors import ItemCorruptError as ItemCorruptError
 from threadline.actors import PersistenceError as PersistenceError
 from threadline.actors import SnapshotCorruptError as SnapshotCorruptError
 from threadline.actors import SnapshotFormatError as SnapshotFormatError
@@ -10,21 +11,22 @@ from threadline.actors import StoreUnavailableError as StoreUnavailableError
 
 from ._codec import FORMAT_VERSION as FORMAT_VERSION
 from ._codec import Codec as Codec
+from ._items import Item as Item
+from ._items import MemoryStore as MemoryStore
+from ._items import Namespace as Namespace
+from ._items import Store as Store
+from ._items_redis import RedisStore as RedisStore
+from ._items_sqlite import SqliteStore as SqliteStore
 from ._journal import ThreadJournal as ThreadJournal
 from ._journal import load_thread as load_thread
 from ._journal import read_history as read_history
-from ._kv import Item as Item
-from ._kv import MemoryStore as MemoryStore
-from ._kv import Namespace as Namespace
-from ._kv import Store as Store
-from ._kv_redis import RedisStore as RedisStore
-from ._kv_sqlite import SqliteStore as SqliteStore
-from ._redis import RedisSnapshotStore as RedisSnapshotStore
-from ._sqlite import SqliteSnapshotStore as SqliteSnapshotStore
-from ._store import CommitRequest as CommitRequest
-from ._store import MemorySnapshotStore as MemorySnapshotStore
-from ._store import SnapshotStore as SnapshotStore
-from ._store import StoredThread as StoredThread
+from ._open import open_snapshot_store as open_snapshot_store
+from ._snapshots import CommitRequest as CommitRequest
+from ._snapshots import MemorySnapshotStore as MemorySnapshotStore
+from ._snapshots import SnapshotStore as SnapshotStore
+from ._snapshots import StoredThread as StoredThread
+from ._snapshots_redis import RedisSnapshotStore as RedisSnapshotStore
+from ._snapshots_sqlite import SqliteSnapshotStore as SqliteSnapshotStore
 
 __all__ = (
     "Codec",
@@ -33,6 +35,7 @@ __all__ = (
     "FORMAT_VERSION",
     "FencedError",
     "Item",
+    "ItemCorruptError",
     "MemorySnapshotStore",
     "MemoryStore",
     "Namespace",
@@ -49,5 +52,6 @@ __all__ = (
     "StoredThread",
     "ThreadJournal",
     "load_thread",
+    "open_snapshot_store",
     "read_history",
 )

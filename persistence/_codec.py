@@ -17,8 +17,7 @@ from typing import Any, Final, Generic, TypeVar
 import msgspec
 
 from threadline.actors import AgentState, SnapshotCorruptError, SnapshotFormatError
-from threadline.actors._records import FullRecord, StepRecord
-from threadline.actors._state import schema_info
+from threadline.actors._api import FullRecord, StepRecord, schema_info
 
 S = TypeVar("S", bound=AgentState)
 

@@ -6,12 +6,19 @@ import time
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
-from threadline.actors import AgentState, InvalidUpdateError, SnapshotCorruptError
-from threadline.actors._records import FullRecord, Recovered, StepInfo, StepRecord, TurnCursor
-from threadline.actors._state import apply_update, initial_state, merge_updates
+from threadline.actors import AgentState, InvalidUpdateError, SnapshotCorruptError, apply_update
+from threadline.actors._api import (
+    FullRecord,
+    Recovered,
+    StepInfo,
+    StepRecord,
+    TurnCursor,
+    initial_state,
+    merge_updates,
+)
 
 from ._codec import Codec
-from ._store import CommitRequest, SnapshotStore, StoredThread
+from ._snapshots import CommitRequest, SnapshotStore, StoredThread
 
 S = TypeVar("S", bound=AgentState)
 

@@ -16,57 +16,43 @@ from anyio.abc import TaskGroup
 
 from threadline.actors import (
     AgentState,
+    AnyMessage,
+    BaseMessage,
     InvalidInputError,
     InvalidThreadIdError,
     MessageTooLargeError,
     SystemClosedError,
     ThreadNotFoundError,
+    coerce_messages,
+    normalize_update,
 )
-from threadline.actors._actor import (
+from threadline.actors._api import (
     ActorContext,
     Envelope,
+    MailboxStatistics,
+    StepInfo,
     StreamPart,
     ThreadActor,
     ThreadSnapshot,
     TurnResult,
+    new_id,
     stream_modes,
 )
-from threadline.actors._mailbox import MailboxStatistics
-from threadline.actors._messages import AnyMessage, _Message, coerce_messages, new_id
-from threadline.actors._records import StepInfo
-from threadline.actors._state import normalize_update
 from threadline.persistence import (
     Codec,
-    MemorySnapshotStore,
-    RedisSnapshotStore,
     SnapshotStore,
-    SqliteSnapshotStore,
     Store,
     ThreadJournal,
     load_thread,
+    open_snapshot_store,
     read_history,
 )
 
-from ._agent import Agent
+from .agent import Agent
 
 S = TypeVar("S", bound=AgentState)
 
 Input = str | Mapping[str, Any] | AnyMessage | Sequence[Any]
-
-
-def open_snapshot_store(spec: SnapshotStore | str | os.PathLike[str] | None) -> SnapshotStore:
-    """A store from a URL or path: ``redis://``/``rediss://``, ``sqlite:///path``,
-    ``memory://``, a plain file path (SQLite), or a store object."""
-    if spec is None:
-        return MemorySnapshotStore()
-    if not isinstance(spec, (str, os.PathLike)):
-        return spec
-    text = os.fspath(spec)
-    if text.startswith(("redis://", "rediss://", "unix://")):
-        return RedisSnapshotStore.from_url(text)
-    if text == "memory://":
-        return MemorySnapshotStore()
-    return SqliteSnapshotStore(text.removeprefix("sqlite://"))
 
 
 def check_thread_id(thread_id: object, max_length: int) -> str:
@@ -254,7 +240,7 @@ class ActorSystem(Generic[S]):
     def _input_update(self, input: Input, message_id: str) -> dict[str, Any]:
         """A plain message, a list of them, or a state update dict with 'messages'."""
         schema = self.agent.state_schema
-        if isinstance(input, (str, _Message, list, tuple)) or (
+        if isinstance(input, (str, BaseMessage, list, tuple)) or (
             isinstance(input, Mapping) and ("role" in input or "type" in input)
         ):
             return {"messages": coerce_messages(input, first_id=message_id)}

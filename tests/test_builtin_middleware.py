@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import threadline.runtime._builtin as builtin
+import threadline.runtime.agent.middleware._retry as builtin
 from threadline.actors import (
     REMOVE_ALL_MESSAGES,
     AIMessage,
@@ -20,20 +20,24 @@ from threadline.actors import (
     ToolMessage,
     TurnFailedError,
 )
-from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel, tool
-from threadline.runtime._builtin import (
+from threadline.runtime import (
+    ActorSystem,
+    Agent,
     CallLimitState,
     ContextEditingMiddleware,
     ModelCallLimitExceededError,
     ModelCallLimitMiddleware,
     ModelFallbackMiddleware,
+    ModelRequest,
     ModelRetryMiddleware,
+    ScriptedModel,
     SummarizationMiddleware,
     ToolCallLimitExceededError,
     ToolCallLimitMiddleware,
     ToolRetryMiddleware,
+    count_tokens_approximately,
+    tool,
 )
-from threadline.runtime._trim import count_tokens_approximately
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     exe = shutil.which("threadline")
-    command = [exe] if exe else [sys.executable, "-m", "threadline.runtime._cli"]
+    command = [exe] if exe else [sys.executable, "-m", "threadline.runtime.cli"]
     return subprocess.run(
         [*command, *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
     )

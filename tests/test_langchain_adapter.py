@@ -27,9 +27,17 @@ from threadline.actors import (
     ToolCall,
     ToolMessage,
 )
-from threadline.runtime import ActorSystem, Agent, ModelRequest, Runtime, tool
-from threadline.runtime._langchain import LangChainChatModel, from_langchain, to_langchain
-from threadline.runtime._openai import MessageChunk, ModelResponseError
+from threadline.runtime import (
+    ActorSystem,
+    Agent,
+    LangChainChatModel,
+    ModelRequest,
+    Runtime,
+    from_langchain,
+    to_langchain,
+    tool,
+)
+from threadline.runtime.models._openai import MessageChunk, ModelResponseError
 
 calls: list[str] = []
 
@@ -396,7 +404,7 @@ def test_without_langchain_core_the_error_names_the_extra(monkeypatch: pytest.Mo
 
 def test_importing_the_runtime_does_not_import_langchain() -> None:
     code = (
-        "import sys, threadline.runtime, threadline.runtime._langchain; "
+        "import sys, threadline.runtime, threadline.runtime.models._langchain; "
         "assert 'langchain_core' not in sys.modules, 'langchain_core was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

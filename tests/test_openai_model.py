@@ -30,7 +30,7 @@ from threadline.actors import (
     TurnFailedError,
 )
 from threadline.runtime import ActorSystem, Agent, ModelRequest, Runtime, tool
-from threadline.runtime._openai import (
+from threadline.runtime.models._openai import (
     MessageChunk,
     ModelConnectionError,
     ModelError,
@@ -605,7 +605,7 @@ def test_cli_chat_uses_a_real_model_with_base_url(server: FakeOpenAI, tmp_path: 
 
     server.script(Reply(events=sse_text("Hi from ", "the server")))
     out = subprocess.run(
-        [sys.executable, "-m", "threadline.runtime._cli", "chat", "--thread", "t",
+        [sys.executable, "-m", "threadline.runtime.cli", "chat", "--thread", "t",
          "--db", str(tmp_path / "chat.db"), "--model", "openai:gpt-test", "--base-url", server.url],
         input="hello there\n", capture_output=True, text=True, timeout=60, check=False,
         env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -14,9 +15,98 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(
-    "module", ["threadline.actors", "threadline.runtime", "threadline.persistence"]
+FACES = [
+    "threadline",
+    "threadline.actors",
+    "threadline.runtime",
+    "threadline.runtime.agent",
+    "threadline.runtime.agent.middleware",
+    "threadline.runtime.models",
+    "threadline.persistence",
+]
+PACKAGES = {
+    "actors": ROOT / "actors",
+    "runtime": ROOT / "runtime",
+    "persistence": ROOT / "persistence",
+}
+
+EXPECTED_FACE = (
+    "AIMessage",
+    "ActorSystem",
+    "Agent",
+    "AgentMiddleware",
+    "AgentState",
+    "AnyMessage",
+    "BaseMessage",
+    "CallLimitExceededError",
+    "ChatModel",
+    "Command",
+    "ConflictError",
+    "FencedError",
+    "HumanMessage",
+    "InvalidContextError",
+    "InvalidInputError",
+    "InvalidMessageError",
+    "InvalidThreadIdError",
+    "InvalidUpdateError",
+    "ItemCorruptError",
+    "MailboxFullError",
+    "MemorySnapshotStore",
+    "MemoryStore",
+    "MessageTooLargeError",
+    "ModelCallLimitExceededError",
+    "ModelConnectionError",
+    "ModelError",
+    "ModelHTTPError",
+    "ModelRequest",
+    "ModelResponseError",
+    "ModelTimeoutError",
+    "OpenAIChatModel",
+    "PersistenceError",
+    "REMOVE_ALL_MESSAGES",
+    "RedisSnapshotStore",
+    "RedisStore",
+    "RemoveMessage",
+    "Runtime",
+    "ScriptedModel",
+    "SnapshotCorruptError",
+    "SnapshotFormatError",
+    "SnapshotStore",
+    "SqliteSnapshotStore",
+    "SqliteStore",
+    "StepInfo",
+    "Store",
+    "StoreUnavailableError",
+    "StreamPart",
+    "SummarizationMiddleware",
+    "SystemClosedError",
+    "SystemMessage",
+    "ThreadNotFoundError",
+    "ThreadSnapshot",
+    "ThreadlineError",
+    "ToolCall",
+    "ToolCallLimitExceededError",
+    "ToolCallRequest",
+    "ToolMessage",
+    "ToolRuntime",
+    "TurnFailedError",
+    "TurnResult",
+    "add_messages",
+    "after_agent",
+    "after_model",
+    "before_agent",
+    "before_model",
+    "count_tokens_approximately",
+    "dynamic_prompt",
+    "open_snapshot_store",
+    "tool",
+    "trim_messages",
+    "wrap_model_call",
+    "wrap_tool_call",
 )
+
+
+@pytest.mark.parametrize("module", FACES)
 def test_public_surface_is_declared(module: str) -> None:
     mod = importlib.import_module(module)
     exported = mod.__all__
@@ -29,12 +119,60 @@ def test_public_surface_is_declared(module: str) -> None:
     assert not undeclared, f"{module} exposes names outside __all__: {sorted(undeclared)}"
 
 
-def test_one_exception_root() -> None:
-    actors = importlib.import_module("threadline.actors")
-    errors = [getattr(actors, n) for n in actors.__all__ if n.endswith("Error")]
-    assert errors
+def test_the_face_pins_its_names() -> None:
+    import threadline
+
+    assert threadline.__all__ == EXPECTED_FACE
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", threadline.__version__)
+    assert (ROOT / "threadline" / "py.typed").exists()
+
+
+def _all_error_classes() -> set[type[BaseException]]:
+    import threadline
+
+    found: set[type[BaseException]] = set()
+    todo: list[type[BaseException]] = [threadline.ThreadlineError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__.startswith("threadline.") and cls not in found:
+            found.add(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_one_exception_root_one_home() -> None:
+    import threadline
+
+    # Import every module so that every error class is defined.
+    for package in ("threadline.actors", "threadline.runtime", "threadline.persistence"):
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+    errors = _all_error_classes()
+    assert len(errors) > 20
     for error in errors:
-        assert issubclass(error, actors.ThreadlineError)
+        assert error.__module__ == "threadline.actors._errors", error
+        assert getattr(threadline, error.__name__) is error, f"{error.__name__} not in the face"
+    exported = [getattr(threadline, n) for n in threadline.__all__ if n.endswith("Error")]
+    for error in exported:
+        assert issubclass(error, threadline.ThreadlineError)
+    # Every member of the tree is drawn in the home's docstring.
+    doc = importlib.import_module("threadline.actors._errors").__doc__ or ""
+    for error in errors:
+        assert error.__name__ in doc, error.__name__
+
+
+def test_no_package_reaches_into_another_packages_private_modules() -> None:
+    allowed = {"threadline.actors._api"}
+    offenders = []
+    for name, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            for line_no, line in enumerate(path.read_text().splitlines(), 1):
+                for match in re.finditer(r"threadline\.(\w+)\.(_\w+)", line):
+                    target = f"threadline.{match[1]}.{match[2]}"
+                    if match[1] != name and target not in allowed:
+                        offenders.append(f"{path.relative_to(ROOT)}:{line_no}: {target}")
+    assert not offenders, "\n".join(offenders)
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -56,11 +194,7 @@ def test_mypy_strict_is_clean() -> None:
             "-m",
             "mypy",
             "-p",
-            "threadline.actors",
-            "-p",
-            "threadline.runtime",
-            "-p",
-            "threadline.persistence",
+            "threadline",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -19,9 +19,9 @@ from threadline.actors import (
     ToolMessage,
     add_messages,
 )
-from threadline.runtime._builtin import SummarizationMiddleware
-from threadline.runtime._models import ScriptedModel
-from threadline.runtime._trim import (
+from threadline.runtime import (
+    ScriptedModel,
+    SummarizationMiddleware,
     count_tokens_approximately,
     remove_messages,
     safe_cut,

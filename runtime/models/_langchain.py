@@ -32,20 +32,22 @@ from threadline.actors import (
     AnyMessage,
     HumanMessage,
     InvalidMessageError,
+    ModelResponseError,
     SystemMessage,
     ToolCall,
     ToolMessage,
     coerce_message,
 )
-from threadline.actors._messages import new_id
+from threadline.actors._api import new_id
 
-from ._context import Emit, ModelRequest
-from ._openai import MessageChunk, ModelResponseError
+from ._base import MessageChunk
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
     from langchain_core.messages import BaseMessage, UsageMetadata
     from langchain_core.runnables import Runnable
+
+    from ..agent import Emit, ModelRequest
 
 MISSING_LANGCHAIN: Final = (
     "LangChainChatModel needs langchain-core: pip install 'threadline[langchain]'"

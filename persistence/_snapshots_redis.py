@@ -47,7 +47,7 @@ from ._redis_client import (
     store_client,
     unavailable,
 )
-from ._store import AcquireRequest, CommitRequest, StoredThread, check_head
+from ._snapshots import AcquireRequest, CommitRequest, StoredThread, check_head
 
 __all__ = ["RedisSnapshotStore"]
 

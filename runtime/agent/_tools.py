@@ -17,7 +17,7 @@ import msgspec
 
 from threadline.actors import InvalidInputError
 
-from ._context import ToolRuntime
+from ._requests import ToolRuntime
 
 _ARGS_SECTION = re.compile(r"^\s*(Args|Arguments|Parameters):\s*$", re.MULTILINE)
 _ARG_LINE = re.compile(r"^\s+(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.+)$")

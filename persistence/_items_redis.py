@@ -32,9 +32,9 @@ import msgspec
 import redis.asyncio
 from redis.commands.core import AsyncScript
 
-from threadline.actors import SnapshotCorruptError, StoreUnavailableError
+from threadline.actors import ItemCorruptError, StoreUnavailableError
 
-from ._kv import (
+from ._items import (
     KEY_MARK,
     Item,
     Namespace,
@@ -152,7 +152,7 @@ class RedisStore(Reentrant):
                 expires_at=float(expires) if expires else None,
             )
         except (ValueError, TypeError, msgspec.DecodeError) as exc:
-            raise SnapshotCorruptError(
+            raise ItemCorruptError(
                 f"redis store {self._prefix!r}: undecodable item {member!r}: {exc}"
             ) from exc
 

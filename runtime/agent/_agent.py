@@ -14,13 +14,12 @@ from threadline.actors import (
     Command,
     InvalidUpdateError,
     ToolMessage,
+    apply_update,
+    normalize_update,
 )
-from threadline.actors._actor import Emit, StepOutcome
-from threadline.actors._messages import new_id
-from threadline.actors._records import TurnCursor
-from threadline.actors._state import apply_update, normalize_update, schema_info
+from threadline.actors._api import Emit, StepOutcome, TurnCursor, new_id, schema_info
 
-from ._context import ContextCodec, ModelRequest, Runtime, ToolCallRequest, ToolRuntime
+from ..models import ChatModel
 from ._middleware import (
     NODE_HOOKS,
     WRAP_HOOKS,
@@ -30,7 +29,7 @@ from ._middleware import (
     ToolHandler,
     maybe_await,
 )
-from ._models import ChatModel
+from ._requests import ContextCodec, ModelRequest, Runtime, ToolCallRequest, ToolRuntime
 from ._tools import Tool, as_tool
 
 S = TypeVar("S", bound=AgentState)

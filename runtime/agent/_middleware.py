@@ -16,7 +16,7 @@ from typing import Any, ClassVar, overload
 
 from threadline.actors import AgentState, AIMessage, Command, ToolMessage
 
-from ._context import ModelRequest, Runtime, ToolCallRequest
+from ._requests import ModelRequest, Runtime, ToolCallRequest
 
 HookResult = dict[str, Any] | Command | None
 ModelHandler = Callable[[ModelRequest[Any]], Awaitable[AIMessage]]

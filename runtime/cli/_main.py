@@ -17,9 +17,9 @@ import structlog
 
 from threadline.actors import AIMessage, ThreadlineError, ThreadNotFoundError, ToolMessage
 
-from ._agent import Agent
-from ._models import ChatModel, demo_model, word_count
-from ._system import ActorSystem
+from .._system import ActorSystem
+from ..agent import Agent
+from ..models import ChatModel, demo_model, word_count
 
 DEFAULT_DB = "threadline.db"
 
@@ -31,7 +31,7 @@ def _model(spec: str | None, base_url: str | None) -> ChatModel:
     if provider != "openai" or not name:
         raise SystemExit(f"--model must look like openai:MODEL_NAME, got {spec!r}")
     try:
-        from ._openai import OpenAIChatModel
+        from ..models import OpenAIChatModel
     except ImportError as exc:
         raise SystemExit(f"the OpenAI model is not available: {exc}") from exc
     return OpenAIChatModel(name, base_url=base_url)

@@ -12,7 +12,7 @@ import msgspec
 from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
 
 if TYPE_CHECKING:
-    from ._models import ChatModel
+    from ..models import ChatModel
     from ._tools import Tool
 
 C = TypeVar("C")

@@ -30,9 +30,9 @@ from typing import Any, Final, Literal
 import aiosqlite
 import msgspec
 
-from threadline.actors import SnapshotCorruptError
+from threadline.actors import ItemCorruptError
 
-from ._kv import (
+from ._items import (
     Item,
     Namespace,
     check_key,
@@ -164,7 +164,7 @@ class SqliteStore(Reentrant):
         try:
             return decode_value(raw)
         except (msgspec.DecodeError, UnicodeDecodeError, TypeError) as exc:
-            raise SnapshotCorruptError(
+            raise ItemCorruptError(
                 f"{self._db.path!r}: undecodable value at {ns!r}/{key!r}: {exc}"
             ) from exc
 

@@ -35,7 +35,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
 import httpx
@@ -45,62 +45,25 @@ from threadline.actors import (
     AIMessage,
     AnyMessage,
     InvalidMessageError,
-    ThreadlineError,
+    ModelConnectionError,
+    ModelError,
+    ModelHTTPError,
+    ModelResponseError,
+    ModelTimeoutError,
     coerce_message,
+    to_openai,
 )
-from threadline.actors._messages import new_id, to_openai
+from threadline.actors._api import new_id
 
-from ._context import Emit, ModelRequest
+from ._base import MessageChunk
+
+if TYPE_CHECKING:
+    from ..agent import Emit, ModelRequest
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 
 _TOOL_CHOICES: Final = frozenset({"auto", "none", "required"})
 _META_KEYS: Final = ("id", "model", "system_fingerprint")
-
-
-class ModelError(ThreadlineError):
-    """A chat model call failed."""
-
-
-class ModelHTTPError(ModelError):
-    """The model server answered with an error status.
-
-    ``message`` is the server's own error message (OpenAI's
-    ``{"error": {"message": ...}}``, or the body text); ``body`` is the
-    decoded body (or its text).
-    """
-
-    def __init__(self, status_code: int, message: str, *, url: str = "", body: Any = None) -> None:
-        super().__init__(f"HTTP {status_code} from {url or 'the model server'}: {message}")
-        self.status_code = status_code
-        self.message = message
-        self.url = url
-        self.body = body
-
-
-class ModelTimeoutError(ModelError, TimeoutError):
-    """An attempt took longer than the model's ``timeout``."""
-
-
-class ModelConnectionError(ModelError, ConnectionError):
-    """The model server could not be reached, or the connection broke."""
-
-
-class ModelResponseError(ModelError):
-    """The model's answer cannot be used (undecodable JSON, bad tool-call arguments)."""
-
-
-class MessageChunk(msgspec.Struct, frozen=True, kw_only=True):
-    """A piece of model output text, sent to ``stream(..., mode="messages")``.
-
-    ``message_id`` is the id of the ``AIMessage`` being generated (the one the
-    turn will store); ``index`` counts the chunks of that message from 0.
-    Concatenating the ``content`` of a message's chunks gives its text.
-    """
-
-    content: str
-    message_id: str
-    index: int
 
 
 class _Retry(Exception):  # an internal signal, never escapes invoke()

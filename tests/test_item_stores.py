@@ -24,9 +24,7 @@ from threadline.actors import (
     StoreUnavailableError,
     ThreadlineError,
 )
-from threadline.persistence._kv import Item, MemoryStore, Store
-from threadline.persistence._kv_redis import RedisStore
-from threadline.persistence._kv_sqlite import SqliteStore
+from threadline.persistence import Item, MemoryStore, RedisStore, SqliteStore, Store
 
 pytestmark = pytest.mark.anyio
 

@@ -29,8 +29,8 @@ from threadline.actors import FencedError, PersistenceError, StoreUnavailableErr
 
 from ._batch import GroupCommitter
 from ._lifecycle import ExcInfo, Reentrant
+from ._snapshots import AcquireRequest, CommitRequest, StoredThread, check_head
 from ._sqlite_db import SqliteDatabase, rollback, transaction
-from ._store import AcquireRequest, CommitRequest, StoredThread, check_head
 
 __all__ = ["SqliteSnapshotStore"]
 

@@ -1,0 +1,1 @@
+../../threadline/__init__.py

@@ -1,0 +1,54 @@
+"""The internal face of ``threadline.actors`` for threadline's own packages.
+
+``threadline.runtime`` and ``threadline.persistence`` import the actor
+machinery (records, the actor, reducer internals) from here and from the
+package face, never from another private module: what is listed here is what
+the other packages may build on, and a test keeps it that way. Users import
+from ``threadline`` or ``threadline.actors``.
+"""
+
+from ._actor import ActorContext as ActorContext
+from ._actor import Behavior as Behavior
+from ._actor import Emit as Emit
+from ._actor import Envelope as Envelope
+from ._actor import StepOutcome as StepOutcome
+from ._actor import StreamPart as StreamPart
+from ._actor import ThreadActor as ThreadActor
+from ._actor import ThreadSnapshot as ThreadSnapshot
+from ._actor import TurnResult as TurnResult
+from ._actor import stream_modes as stream_modes
+from ._errors import limits_text as limits_text
+from ._mailbox import MailboxStatistics as MailboxStatistics
+from ._messages import new_id as new_id
+from ._records import FullRecord as FullRecord
+from ._records import Recovered as Recovered
+from ._records import StepInfo as StepInfo
+from ._records import StepRecord as StepRecord
+from ._records import TurnCursor as TurnCursor
+from ._state import initial_state as initial_state
+from ._state import merge_updates as merge_updates
+from ._state import schema_info as schema_info
+
+__all__ = (
+    "ActorContext",
+    "Behavior",
+    "Emit",
+    "Envelope",
+    "FullRecord",
+    "MailboxStatistics",
+    "Recovered",
+    "StepInfo",
+    "StepOutcome",
+    "StepRecord",
+    "StreamPart",
+    "ThreadActor",
+    "ThreadSnapshot",
+    "TurnCursor",
+    "TurnResult",
+    "initial_state",
+    "limits_text",
+    "merge_updates",
+    "new_id",
+    "schema_info",
+    "stream_modes",
+)

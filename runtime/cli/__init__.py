@@ -1,0 +1,5 @@
+"""The ``threadline`` command."""
+
+from ._main import main as main
+
+__all__ = ("main",)
