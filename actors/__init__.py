@@ -1,5 +1,6 @@
 """What a thread is: messages, state and reducers, the actor and its mailbox."""
 
+from ._envelope import Envelope as Envelope
 from ._errors import CallLimitExceededError as CallLimitExceededError
 from ._errors import ConflictError as ConflictError
 from ._errors import FencedError as FencedError
@@ -53,6 +54,7 @@ __all__ = (
     "CallLimitExceededError",
     "Command",
     "ConflictError",
+    "Envelope",
     "FencedError",
     "HumanMessage",
     "InvalidContextError",

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Generic, Literal, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
-import anyio
 import msgspec
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
+from ._envelope import Envelope, Reply
 from ._errors import (
     FencedError,
     PersistenceError,
@@ -150,76 +149,11 @@ class Journal(Protocol[S]):
     async def delete(self) -> bool: ...
 
 
-class Envelope:
-    """A message in a mailbox, with the caller's reply slot (never persisted).
+Delivery = tuple[Envelope, "Reply | None"]
+"""A mailbox item: the envelope and the local reply (None: nobody local waits)."""
 
-    ``kind`` is ``"input"`` (start a turn), ``"update"`` (apply a state update as
-    one step) or ``"delete"``.
-    """
-
-    __slots__ = (
-        "_done",
-        "_error",
-        "_value",
-        "context",
-        "kind",
-        "message_id",
-        "modes",
-        "sink",
-        "update",
-    )
-
-    def __init__(
-        self,
-        kind: Literal["input", "update", "delete"],
-        message_id: str,
-        update: dict[str, Any] | None = None,
-        context: Any = None,
-        *,
-        sink: MemoryObjectSendStream[StreamPart] | None = None,
-        modes: frozenset[str] = frozenset(),
-    ) -> None:
-        self.kind = kind
-        self.message_id = message_id
-        self.update = update or {}
-        self.context = context
-        self.sink = sink
-        self.modes = modes
-        self._done = anyio.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def resolve(self, value: Any) -> None:
-        if not self._done.is_set():
-            self._value = value
-            self._finish()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._done.is_set():
-            self._error = error
-            self._finish()
-
-    def _finish(self) -> None:
-        self._done.set()
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
-
-    async def wait(self) -> Any:
-        await self._done.wait()
-        return self.outcome()
-
-    def outcome(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-    def emit(self, part: StreamPart) -> None:
-        if self.sink is not None and part.mode in self.modes:
-            try:
-                self.sink.send_nowait(part)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.sink = None  # the consumer went away; the turn goes on
+Acknowledge = Callable[[Envelope], Awaitable[None]]
+"""Called once the step that consumed an envelope is durable (see ``ActorContext``)."""
 
 
 class ActorContext(Generic[S]):
@@ -230,7 +164,7 @@ class ActorContext(Generic[S]):
     activity with it, sharing its float object instead of making one each.
     """
 
-    __slots__ = ("behavior", "capacity", "clock", "keep_consumed", "log", "spawn")
+    __slots__ = ("acknowledge", "behavior", "capacity", "clock", "keep_consumed", "log", "spawn")
 
     def __init__(
         self,
@@ -239,11 +173,16 @@ class ActorContext(Generic[S]):
         spawn: Callable[[Callable[[], Coroutine[Any, Any, None]], str], None],
         capacity: int,
         keep_consumed: int,
+        acknowledge: Acknowledge | None = None,
     ) -> None:
         self.behavior = behavior
         self.spawn = spawn
         self.capacity = capacity
         self.keep_consumed = keep_consumed
+        # The post-commit acknowledgement: where an envelope came from a durable
+        # inbox, this removes it there once its consuming step is committed.
+        # None in memory (nothing to remove), so the hot path pays nothing.
+        self.acknowledge = acknowledge
         self.clock = time.monotonic()
         # Resolved now (when the application has configured structlog), not at
         # every call: an unresolved proxy re-binds on each log call, which
@@ -278,7 +217,7 @@ class ThreadActor(Generic[S]):
         self._journal = journal
         # Created with the first message and dropped once drained: most live
         # actors are idle, and an empty mailbox would be dead weight.
-        self._mailbox: Mailbox[Envelope] | None = None
+        self._mailbox: Mailbox[Delivery] | None = None
         self.state: S | None = None
         self.turn: TurnCursor | None = None
         self.ready = False
@@ -286,7 +225,7 @@ class ThreadActor(Generic[S]):
         self.last_active = context.clock
         # Recently consumed message ids (a tuple: a list over-allocates).
         self._recent: tuple[str, ...] = ()
-        self._current: Envelope | None = None
+        self._current: Reply | None = None
 
     @property
     def version(self) -> int:
@@ -294,12 +233,12 @@ class ThreadActor(Generic[S]):
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self._mailbox
+        return not self.running and (self._mailbox is None or self._mailbox.unused)
 
     # -- mailbox -----------------------------------------------------------------
 
     @property
-    def mailbox(self) -> Mailbox[Envelope]:
+    def mailbox(self) -> Mailbox[Delivery]:
         if self._mailbox is None:
             self._mailbox = Mailbox(self._ctx.capacity)
         return self._mailbox
@@ -309,14 +248,14 @@ class ThreadActor(Generic[S]):
             return MailboxStatistics(size=0, capacity=self._ctx.capacity, waiting_senders=0)
         return self._mailbox.statistics()
 
-    def offer(self, envelope: Envelope) -> None:
+    def offer(self, envelope: Envelope, reply: Reply | None) -> None:
         """Enqueue or raise ``MailboxFullError``."""
-        self.mailbox.put_nowait(envelope, thread_id=self.thread_id)
+        self.mailbox.put_nowait((envelope, reply), thread_id=self.thread_id)
         self._kick()
 
-    async def put(self, envelope: Envelope) -> None:
+    async def put(self, envelope: Envelope, reply: Reply | None) -> None:
         """Enqueue, waiting for room."""
-        await self.mailbox.put(envelope, thread_id=self.thread_id)
+        await self.mailbox.put((envelope, reply), thread_id=self.thread_id)
         self._kick()
 
     def _kick(self) -> None:
@@ -328,9 +267,9 @@ class ThreadActor(Generic[S]):
     async def _drain(self) -> None:
         try:
             with structlog.contextvars.bound_contextvars(thread_id=self.thread_id):
-                while (envelope := self.mailbox.get_nowait()) is not None:
-                    self._current = envelope
-                    await self._handle(envelope)
+                while (delivery := self.mailbox.get_nowait()) is not None:
+                    envelope, self._current = delivery
+                    await self._handle(envelope, self._current)
                     self._current = None
         except BaseException:
             # Cancelled (shutdown) or a bug: whatever is accepted but not
@@ -343,17 +282,21 @@ class ThreadActor(Generic[S]):
             if self._current is not None:
                 self._current.fail(closed)
                 self._current = None
-            for envelope in self._mailbox.drain() if self._mailbox else ():
-                envelope.fail(closed)
+            for _, reply in self._mailbox.drain() if self._mailbox else ():
+                if reply is not None:
+                    reply.fail(closed)
             self.ready = False
             raise
         finally:
             self.running = False
             self.last_active = self._ctx.clock
+            # The mailbox goes only when nobody is inside ``put``: a sender woken
+            # for room may not have run yet, and must find this same mailbox
+            # (its put then kicks a new drain).
             if self._mailbox is not None and self._mailbox.unused:
                 self._mailbox = None
 
-    async def _handle(self, envelope: Envelope) -> None:
+    async def _handle(self, envelope: Envelope, reply: Reply | None) -> None:
         try:
             if not self.ready:
                 try:
@@ -364,11 +307,11 @@ class ThreadActor(Generic[S]):
                     if envelope.kind != "delete" or not self._journal.epoch:
                         raise
             if envelope.kind == "input":
-                await self._input(envelope)
+                await self._input(envelope, reply)
             elif envelope.kind == "update":
-                await self._update(envelope)
+                await self._update(envelope, reply)
             else:
-                await self._delete(envelope)
+                await self._delete(envelope, reply)
         except ThreadlineError as exc:
             if isinstance(exc, PersistenceError):
                 # Memory may be ahead of (or behind) the store: reload before
@@ -380,11 +323,13 @@ class ThreadActor(Generic[S]):
                     kind=type(exc).__name__,
                     fenced=isinstance(exc, FencedError),
                 )
-            envelope.fail(exc)
+            if reply is not None:
+                reply.fail(exc)
         except Exception as exc:
             self.ready = False
             self._ctx.log.exception("thread.error")
-            envelope.fail(exc)
+            if reply is not None:
+                reply.fail(exc)
 
     async def _activate(self) -> None:
         self.ready = False
@@ -408,7 +353,7 @@ class ThreadActor(Generic[S]):
         updates: list[dict[str, Any]],
         state: S,
         turn: TurnCursor | None,
-        envelope: Envelope | None,
+        reply: Reply | None,
         *,
         consumed: str | None = None,
         error: str | None = None,
@@ -427,15 +372,19 @@ class ThreadActor(Generic[S]):
         self.state, self.turn = state, turn
         version = self._journal.version
         self._ctx.log.debug("step.committed", version=version, kind=kind)
-        if envelope is not None and envelope.sink is not None:
-            envelope.emit(
-                StreamPart(
-                    mode="updates", data={kind: updates}, thread_id=self.thread_id, version=version
-                )
+        if reply is not None and reply.sink is not None:
+            tid = self.thread_id
+            reply.emit(
+                "updates",
+                StreamPart(mode="updates", data={kind: updates}, thread_id=tid, version=version),
             )
-            envelope.emit(
-                StreamPart(mode="values", data=state, thread_id=self.thread_id, version=version)
+            reply.emit(
+                "values", StreamPart(mode="values", data=state, thread_id=tid, version=version)
             )
+
+    async def _acknowledge(self, envelope: Envelope) -> None:
+        if self._ctx.acknowledge is not None:
+            await self._ctx.acknowledge(envelope)
 
     def _result(self, envelope: Envelope, *, duplicate: bool = False) -> TurnResult[S]:
         assert self.state is not None
@@ -447,11 +396,13 @@ class ThreadActor(Generic[S]):
             duplicate=duplicate,
         )
 
-    async def _input(self, envelope: Envelope) -> None:
+    async def _input(self, envelope: Envelope, reply: Reply | None) -> None:
         if envelope.message_id in self._recent:
             self._ctx.log.info("message.duplicate", message_id=envelope.message_id)
+            await self._acknowledge(envelope)  # consumed before: nothing left to keep
             if self.state is not None:
-                envelope.resolve(self._result(envelope, duplicate=True))
+                if reply is not None:
+                    reply.resolve(self._result(envelope, duplicate=True))
                 return
         schema = self._ctx.behavior.state_schema
         state = (
@@ -465,17 +416,23 @@ class ThreadActor(Generic[S]):
             context=envelope.context,
         )
         await self._commit(
-            "input", [envelope.update], state, turn, envelope, consumed=envelope.message_id
+            "input", [envelope.update], state, turn, reply, consumed=envelope.message_id
         )
-        await self._run_turn(turn, envelope)
+        await self._acknowledge(envelope)
+        await self._run_turn(turn, reply, envelope)
 
-    async def _run_turn(self, turn: TurnCursor, envelope: Envelope | None) -> None:
+    async def _run_turn(
+        self, turn: TurnCursor, reply: Reply | None, envelope: Envelope | None = None
+    ) -> None:
         cursor: TurnCursor | None = turn
 
         def emit(mode: str, data: Any) -> None:
-            if envelope is not None:
-                envelope.emit(
-                    StreamPart(mode=mode, data=data, thread_id=self.thread_id, version=self.version)
+            if reply is not None:
+                reply.emit(
+                    mode,
+                    StreamPart(
+                        mode=mode, data=data, thread_id=self.thread_id, version=self.version
+                    ),
                 )
 
         while cursor is not None:
@@ -495,37 +452,41 @@ class ThreadActor(Generic[S]):
                 await self._commit(
                     "abort", [], self.state, None, None, error=f"{type(exc).__name__}: {exc}"[:2000]
                 )
-                if envelope is not None:
-                    envelope.fail(failed)
+                if reply is not None:
+                    reply.fail(failed)
                 raise failed from exc
-            await self._commit(outcome.kind, outcome.updates, outcome.state, outcome.next, envelope)
+            await self._commit(outcome.kind, outcome.updates, outcome.state, outcome.next, reply)
             cursor = outcome.next
-        if envelope is not None:
-            envelope.resolve(self._result(envelope))
+        if reply is not None and envelope is not None:
+            reply.resolve(self._result(envelope))
 
-    async def _update(self, envelope: Envelope) -> None:
+    async def _update(self, envelope: Envelope, reply: Reply | None) -> None:
         schema = self._ctx.behavior.state_schema
         state = (
             initial_state(schema, envelope.update)
             if self.state is None
             else apply_update(self.state, envelope.update)
         )
-        await self._commit("update", [envelope.update], state, self.turn, envelope)
-        envelope.resolve(
-            ThreadSnapshot(
-                thread_id=self.thread_id,
-                version=self.version,
-                state=state,
-                next=None if self.turn is None else self.turn.next,
+        await self._commit("update", [envelope.update], state, self.turn, reply)
+        await self._acknowledge(envelope)
+        if reply is not None:
+            reply.resolve(
+                ThreadSnapshot(
+                    thread_id=self.thread_id,
+                    version=self.version,
+                    state=state,
+                    next=None if self.turn is None else self.turn.next,
+                )
             )
-        )
 
-    async def _delete(self, envelope: Envelope) -> None:
+    async def _delete(self, envelope: Envelope, reply: Reply | None) -> None:
         existed = await self._journal.delete()
         self.state, self.turn, self._recent = None, None, ()
         self.ready = False  # the tombstone bumped the epoch: re-acquire for new work
         self._ctx.log.info("thread.deleted", existed=existed)
-        envelope.resolve(existed)
+        await self._acknowledge(envelope)
+        if reply is not None:
+            reply.resolve(existed)
 
 
 def stream_modes(mode: str | Sequence[str]) -> frozenset[str]:

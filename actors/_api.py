@@ -7,16 +7,18 @@ the other packages may build on, and a test keeps it that way. Users import
 from ``threadline`` or ``threadline.actors``.
 """
 
+from ._actor import Acknowledge as Acknowledge
 from ._actor import ActorContext as ActorContext
 from ._actor import Behavior as Behavior
 from ._actor import Emit as Emit
-from ._actor import Envelope as Envelope
 from ._actor import StepOutcome as StepOutcome
 from ._actor import StreamPart as StreamPart
 from ._actor import ThreadActor as ThreadActor
 from ._actor import ThreadSnapshot as ThreadSnapshot
 from ._actor import TurnResult as TurnResult
 from ._actor import stream_modes as stream_modes
+from ._envelope import Envelope as Envelope
+from ._envelope import Reply as Reply
 from ._errors import limits_text as limits_text
 from ._mailbox import MailboxStatistics as MailboxStatistics
 from ._messages import new_id as new_id
@@ -31,12 +33,14 @@ from ._state import schema_info as schema_info
 
 __all__ = (
     "ActorContext",
+    "Acknowledge",
     "Behavior",
     "Emit",
     "Envelope",
     "FullRecord",
     "MailboxStatistics",
     "Recovered",
+    "Reply",
     "StepInfo",
     "StepOutcome",
     "StepRecord",

@@ -27,7 +27,7 @@ class Mailbox(Generic[T]):
     consumer pops synchronously, which is why this is not a stream.)
     """
 
-    __slots__ = ("_capacity", "_items", "_space")
+    __slots__ = ("_capacity", "_items", "_putting", "_space")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -36,14 +36,21 @@ class Mailbox(Generic[T]):
         # Created lazily: an idle actor should cost little memory.
         self._items: deque[T] | None = None
         self._space: deque[anyio.Event] | None = None
+        # Senders inside ``put`` (waiting for room, or woken and not yet run).
+        self._putting = 0
 
     def __len__(self) -> int:
         return len(self._items) if self._items else 0
 
     @property
     def unused(self) -> bool:
-        """Nothing queued and nobody waiting for room."""
-        return not self._items and not self._space
+        """Nothing queued and no sender inside ``put``.
+
+        A sender woken for room leaves the wait queue before it runs; until it
+        has put its item it still counts, so whoever drops an unused mailbox
+        never drops one that a sender is about to put into.
+        """
+        return not self._items and not self._putting
 
     def put_nowait(self, item: T, *, thread_id: str = "") -> None:
         if self._items is None:
@@ -56,20 +63,27 @@ class Mailbox(Generic[T]):
 
     async def put(self, item: T, *, thread_id: str = "") -> None:
         """Wait for room, then enqueue."""
-        while len(self) >= self._capacity:
-            event = anyio.Event()
-            if self._space is None:
-                self._space = deque()
-            self._space.append(event)
-            try:
-                await event.wait()
-            finally:
-                if event in self._space:
-                    self._space.remove(event)
-                elif event.is_set() and self._space and len(self) < self._capacity:
-                    # We were woken but may be leaving (cancelled): pass the wake-up on.
-                    self._space.popleft().set()
-        self.put_nowait(item, thread_id=thread_id)
+        if len(self) < self._capacity:
+            self.put_nowait(item, thread_id=thread_id)
+            return
+        self._putting += 1
+        try:
+            while len(self) >= self._capacity:
+                event = anyio.Event()
+                if self._space is None:
+                    self._space = deque()
+                self._space.append(event)
+                try:
+                    await event.wait()
+                finally:
+                    if event in self._space:
+                        self._space.remove(event)
+                    elif event.is_set() and self._space and len(self) < self._capacity:
+                        # We were woken but may be leaving (cancelled): pass the wake-up on.
+                        self._space.popleft().set()
+            self.put_nowait(item, thread_id=thread_id)
+        finally:
+            self._putting -= 1
 
     def get_nowait(self) -> T | None:
         """The next item, or None when empty."""

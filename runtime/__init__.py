@@ -13,6 +13,9 @@ from threadline.actors._api import ThreadSnapshot as ThreadSnapshot
 from threadline.actors._api import TurnResult as TurnResult
 from threadline.persistence import open_snapshot_store as open_snapshot_store
 
+from ._client import LocalClient as LocalClient
+from ._client import ThreadClient as ThreadClient
+from ._door import Input as Input
 from ._system import ActorSystem as ActorSystem
 from .agent import Agent as Agent
 from .agent import AgentMiddleware as AgentMiddleware
@@ -60,7 +63,9 @@ __all__ = (
     "ChatModel",
     "ContextEditingMiddleware",
     "DEFAULT_SUMMARY_PROMPT",
+    "Input",
     "LangChainChatModel",
+    "LocalClient",
     "MessageChunk",
     "ModelCallLimitExceededError",
     "ModelCallLimitMiddleware",
@@ -78,6 +83,7 @@ __all__ = (
     "StepInfo",
     "StreamPart",
     "SummarizationMiddleware",
+    "ThreadClient",
     "ThreadSnapshot",
     "TokenCounter",
     "Tool",

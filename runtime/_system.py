@@ -3,74 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import unicodedata
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import anyio
-import msgspec
 from anyio.abc import TaskGroup
 
 from threadline.actors import (
     AgentState,
-    AnyMessage,
-    BaseMessage,
-    InvalidInputError,
-    InvalidThreadIdError,
-    MessageTooLargeError,
     SystemClosedError,
-    ThreadNotFoundError,
-    coerce_messages,
-    normalize_update,
 )
 from threadline.actors._api import (
     ActorContext,
-    Envelope,
     MailboxStatistics,
     StepInfo,
     StreamPart,
     ThreadActor,
     ThreadSnapshot,
     TurnResult,
-    new_id,
-    stream_modes,
 )
 from threadline.persistence import (
     Codec,
     SnapshotStore,
     Store,
     ThreadJournal,
-    load_thread,
     open_snapshot_store,
-    read_history,
 )
 
+from ._client import LocalClient
+from ._door import Door, Input
 from .agent import Agent
 
 S = TypeVar("S", bound=AgentState)
-
-Input = str | Mapping[str, Any] | AnyMessage | Sequence[Any]
-
-
-def check_thread_id(thread_id: object, max_length: int) -> str:
-    if not isinstance(thread_id, str):
-        raise InvalidThreadIdError(f"a thread id must be a str, got {type(thread_id).__name__}")
-    if not thread_id:
-        raise InvalidThreadIdError("a thread id must not be empty")
-    if len(thread_id) > max_length:
-        raise InvalidThreadIdError(
-            f"a thread id must be at most {max_length} characters, got {len(thread_id)}"
-        )
-    for ch in thread_id:
-        category = unicodedata.category(ch)
-        if category == "Cc":
-            raise InvalidThreadIdError(f"a thread id must not contain control characters ({ch!r})")
-        if category == "Cs":
-            raise InvalidThreadIdError("a thread id must be valid Unicode (lone surrogate)")
-    return thread_id
 
 
 class ActorSystem(Generic[S]):
@@ -107,9 +73,10 @@ class ActorSystem(Generic[S]):
         self.agent = agent
         self.snapshots = open_snapshot_store(snapshots)
         self.store = store
-        self._codec: Codec[S] = Codec(agent.state_schema)
-        self._max_bytes = max_message_bytes
-        self._max_id = max_thread_id_length
+        self.codec: Codec[S] = Codec(agent.state_schema)
+        self.door: Door[S] = Door(
+            agent, max_message_bytes=max_message_bytes, max_thread_id_length=max_thread_id_length
+        )
         self._passivate_after = passivate_after
         self._shutdown_timeout = shutdown_timeout
         # Insertion-ordered by last delivery (a plain dict is smaller than an OrderedDict).
@@ -119,13 +86,13 @@ class ActorSystem(Generic[S]):
         self._closing = False
         self._busy = 0  # actors with a drain task
         self._drained: anyio.Event | None = None
-        self._encoder = msgspec.msgpack.Encoder()
         self._context: ActorContext[S] = ActorContext(
             behavior=agent.bind(store=store, resources=resources),
             spawn=self._spawn,
             capacity=mailbox_capacity,
             keep_consumed=keep_consumed,
         )
+        self.client: LocalClient[S] = LocalClient(self)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -165,7 +132,9 @@ class ActorSystem(Generic[S]):
             await stack.__aexit__(None, None, None)
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        assert self._tg is not None
+        if self._tg is None:
+            # A sender woken for mailbox room after the system stopped.
+            raise SystemClosedError("the ActorSystem is not running")
         self._busy += 1
         self._tg.start_soon(self._run_actor, fn, name=name)
 
@@ -200,7 +169,8 @@ class ActorSystem(Generic[S]):
 
     # -- routing -----------------------------------------------------------------
 
-    def _actor(self, thread_id: str) -> ThreadActor[S]:
+    def route(self, thread_id: str) -> ThreadActor[S]:
+        """The actor of ``thread_id`` (made if it is not in memory), for a delivery."""
         if self._tg is None or self._closing:
             raise SystemClosedError("the ActorSystem is not running")
         actor = self._actors.get(thread_id)
@@ -208,45 +178,18 @@ class ActorSystem(Generic[S]):
             actor = ThreadActor(
                 thread_id,
                 context=self._context,
-                journal=ThreadJournal(self.snapshots, self._codec, thread_id),
+                journal=ThreadJournal(self.snapshots, self.codec, thread_id),
             )
         else:
             del self._actors[thread_id]  # re-inserted below: moves it to the end
         self._actors[thread_id] = actor
         return actor
 
-    def _envelope(
-        self,
-        thread_id: str,
-        input: Input,
-        context: Any,
-        message_id: str | None,
-        **kw: Any,
-    ) -> Envelope:
-        check_thread_id(thread_id, self._max_id)
-        if message_id is None:
-            message_id = new_id()
-        elif not isinstance(message_id, str) or not message_id or len(message_id) > 256:
-            raise InvalidInputError("message_id must be a non-empty str of at most 256 characters")
-        update = self._input_update(input, message_id)
-        raw_context = self.agent.context.dump(context)
-        size = len(self._encoder.encode(update)) + len(self._encoder.encode(raw_context))
-        if size > self._max_bytes:
-            raise MessageTooLargeError(
-                f"message for thread {thread_id!r} is {size} bytes; the limit is {self._max_bytes}"
-            )
-        return Envelope("input", message_id, update, raw_context, **kw)
+    def live_actor(self, thread_id: str) -> ThreadActor[S] | None:
+        """The actor of ``thread_id`` if it is in memory."""
+        return self._actors.get(thread_id)
 
-    def _input_update(self, input: Input, message_id: str) -> dict[str, Any]:
-        """A plain message, a list of them, or a state update dict with 'messages'."""
-        schema = self.agent.state_schema
-        if isinstance(input, (str, BaseMessage, list, tuple)) or (
-            isinstance(input, Mapping) and ("role" in input or "type" in input)
-        ):
-            return {"messages": coerce_messages(input, first_id=message_id)}
-        return normalize_update(schema, input, source="input", first_id=message_id)
-
-    # -- messaging ---------------------------------------------------------------
+    # -- the client interface, in process ------------------------------------------
 
     async def ask(
         self,
@@ -261,32 +204,23 @@ class ActorSystem(Generic[S]):
 
         A timeout or cancellation stops the waiting, never the accepted message.
         """
-        envelope = self._envelope(thread_id, input, context, message_id)
-        if timeout is None:  # (a cancel scope per ask is measurable at thousands/s)
-            await self._actor(thread_id).put(envelope)
-            return await envelope.wait()  # type: ignore[no-any-return]
-        with anyio.fail_after(timeout):
-            await self._actor(thread_id).put(envelope)
-            result: TurnResult[S] = await envelope.wait()
-        return result
+        return await self.client.ask(
+            thread_id, input, context=context, message_id=message_id, timeout=timeout
+        )
 
     async def tell(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
         """Enqueue a message (waiting for mailbox room); returns its message id."""
-        envelope = self._envelope(thread_id, input, context, message_id)
-        await self._actor(thread_id).put(envelope)
-        return envelope.message_id
+        return await self.client.tell(thread_id, input, context=context, message_id=message_id)
 
     def tell_nowait(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
         """Enqueue a message or raise ``MailboxFullError``; returns its message id."""
-        envelope = self._envelope(thread_id, input, context, message_id)
-        self._actor(thread_id).offer(envelope)
-        return envelope.message_id
+        return self.client.tell_nowait(thread_id, input, context=context, message_id=message_id)
 
-    async def stream(
+    def stream(
         self,
         thread_id: str,
         input: Input,
@@ -300,65 +234,33 @@ class ActorSystem(Generic[S]):
         Modes: ``"updates"``, ``"values"``, ``"custom"``, ``"messages"`` (or
         several). Ends when the turn ends; raises the turn's error, if any.
         """
-        modes = stream_modes(mode)
-        send, receive = anyio.create_memory_object_stream[StreamPart](math.inf)
-        envelope = self._envelope(thread_id, input, context, message_id, sink=send, modes=modes)
-        with receive:
-            await self._actor(thread_id).put(envelope)
-            async for part in receive:
-                yield part
-        envelope.outcome()
-
-    # -- state -------------------------------------------------------------------
+        return self.client.stream(
+            thread_id, input, context=context, message_id=message_id, mode=mode
+        )
 
     async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
         """The thread's last committed state; ``ThreadNotFoundError`` if it has none."""
-        check_thread_id(thread_id, self._max_id)
-        actor = self._actors.get(thread_id)
-        if actor is not None and actor.ready and actor.state is not None:
-            state, version, turn = actor.state, actor.version, actor.turn
-        else:
-            recovered = await load_thread(self.snapshots, self._codec, thread_id)
-            if recovered.state is None:
-                raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
-            state, version, turn = recovered.state, recovered.version, recovered.turn
-        return ThreadSnapshot(
-            thread_id=thread_id,
-            version=version,
-            state=state,
-            next=None if turn is None else turn.next,
-        )
+        return await self.client.get_state(thread_id)
 
     async def update_state(
         self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
     ) -> ThreadSnapshot[S]:
         """Apply ``update`` through the reducers as one committed step (in mailbox order)."""
-        check_thread_id(thread_id, self._max_id)
-        normalized = normalize_update(self.agent.state_schema, update, source="update_state")
-        envelope = Envelope("update", new_id(), normalized)
-        with anyio.fail_after(timeout):
-            await self._actor(thread_id).put(envelope)
-            snapshot: ThreadSnapshot[S] = await envelope.wait()
-        return snapshot
+        return await self.client.update_state(thread_id, update, timeout=timeout)
 
     async def history(
         self, thread_id: str, *, start: int = 1, stop: int | None = None
     ) -> list[StepInfo]:
         """The thread's committed steps (oldest first): kind, updates, turn cursor."""
-        check_thread_id(thread_id, self._max_id)
-        return await read_history(self.snapshots, self._codec, thread_id, start, stop)
+        return await self.client.history(thread_id, start=start, stop=stop)
 
     async def threads(self) -> list[str]:
         """Ids of every thread with committed state in the snapshot store."""
-        return await self.snapshots.threads()
+        return await self.client.threads()
 
     async def delete(self, thread_id: str) -> bool:
         """Delete the thread's durable records (in mailbox order); True if it existed."""
-        check_thread_id(thread_id, self._max_id)
-        envelope = Envelope("delete", new_id())
-        await self._actor(thread_id).put(envelope)
-        existed: bool = await envelope.wait()
-        return existed
+        return await self.client.delete(thread_id)
 
     def mailbox_statistics(self, thread_id: str) -> MailboxStatistics | None:
         """Mailbox figures of a live thread actor (None if it is not in memory)."""

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 import structlog
@@ -231,7 +232,8 @@ async def test_context_is_validated_at_the_door_and_reaches_the_model() -> None:
 
 
 @pytest.mark.parametrize(
-    "thread_id", ["", "x" * 257, "a\x00b", "line\nbreak", "\x7f", 42, "bad\ud800"]
+    "thread_id",
+    ["", " ", "\t \u3000", "x" * 257, "a\x00b", "line\nbreak", "\x7f", 42, "bad\ud800"],
 )
 async def test_bad_thread_ids_are_rejected(thread_id: Any) -> None:
     async with ActorSystem(Agent(model=ScriptedModel(echo))) as system:
@@ -279,6 +281,73 @@ async def test_mailbox_capacity_and_arrival_order() -> None:
         humans = [m.content for m in result.messages if isinstance(m, HumanMessage)]
         assert humans == ["m0", "m1", "m2", "m3", "last"]
         assert len(set(ids)) == 4
+
+
+async def test_a_duplicate_queued_behind_a_slow_turn_never_drops_the_next_sender() -> None:
+    """The drain that answers a duplicate without awaiting anything wakes a sender
+    waiting for room and may end before that sender runs: the sender must still
+    find the mailbox it waited on (it used to put into a discarded one and hang)."""
+    gate = anyio.Event()
+    started = anyio.Event()
+
+    async def slow(request: ModelRequest[Any]) -> str:
+        if request.messages[-1].content == "slow":
+            started.set()
+            await gate.wait()
+        return "ok"
+
+    async with ActorSystem(Agent(model=ScriptedModel(slow)), mailbox_capacity=1) as system:
+        await system.ask("t", "first", message_id="m0")
+        results: dict[str, Any] = {}
+
+        async def ask(key: str, text: str, message_id: str | None = None) -> None:
+            results[key] = await system.ask("t", text, message_id=message_id)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, "slow", "slow")
+                await started.wait()  # the slow turn is running: the mailbox is empty
+                tg.start_soon(ask, "dup", "first", "m0")  # queued (capacity 1)
+                await wait_until(lambda: system.mailbox_statistics("t").size == 1)  # type: ignore[union-attr]
+                tg.start_soon(ask, "next", "next")  # waits for room
+                await wait_until(
+                    lambda: system.mailbox_statistics("t").waiting_senders == 1  # type: ignore[union-attr]
+                )
+                gate.set()
+        assert results["dup"].duplicate
+        assert [m.content for m in results["next"].messages][-2:] == ["next", "ok"]
+
+
+async def test_a_storm_of_retried_duplicates_loses_no_accepted_message() -> None:
+    async with ActorSystem(Agent(model=ScriptedModel(echo)), mailbox_capacity=2) as system:
+        await system.ask("t", "once", message_id="dup")
+        told: list[str] = []
+
+        async def retry() -> None:
+            for _ in range(20):
+                await system.ask("t", "once", message_id="dup")
+
+        async def tell(i: int) -> None:
+            told.append(await system.tell("t", f"m{i}"))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(retry)
+                for i in range(30):
+                    tg.start_soon(tell, i)
+            final = await system.ask("t", "end")
+        applied = {m.id for m in final.messages if isinstance(m, HumanMessage)}
+        assert set(told) <= applied  # every accepted tell was applied
+        history = await system.history("t")
+        consumed = [s.consumed for s in history if s.kind == "input"]
+        assert len(consumed) == len(set(consumed)) == 32  # "once", 30 tells and "end", each once
+
+
+async def wait_until(predicate: Any) -> None:
+    """Let the other tasks run until ``predicate()`` holds (no wall-clock sleeps)."""
+    while not predicate():
+        await anyio.lowlevel.checkpoint()
 
 
 async def test_cancelled_ask_does_not_cancel_the_accepted_message() -> None:

@@ -66,6 +66,7 @@ from threadline.runtime import ActorSystem as ActorSystem
 from threadline.runtime import Agent as Agent
 from threadline.runtime import AgentMiddleware as AgentMiddleware
 from threadline.runtime import ChatModel as ChatModel
+from threadline.runtime import LocalClient as LocalClient
 from threadline.runtime import ModelRequest as ModelRequest
 from threadline.runtime import OpenAIChatModel as OpenAIChatModel
 from threadline.runtime import Runtime as Runtime
@@ -73,6 +74,7 @@ from threadline.runtime import ScriptedModel as ScriptedModel
 from threadline.runtime import StepInfo as StepInfo
 from threadline.runtime import StreamPart as StreamPart
 from threadline.runtime import SummarizationMiddleware as SummarizationMiddleware
+from threadline.runtime import ThreadClient as ThreadClient
 from threadline.runtime import ThreadSnapshot as ThreadSnapshot
 from threadline.runtime import ToolCallRequest as ToolCallRequest
 from threadline.runtime import ToolRuntime as ToolRuntime
@@ -113,6 +115,7 @@ __all__ = (
     "InvalidThreadIdError",
     "InvalidUpdateError",
     "ItemCorruptError",
+    "LocalClient",
     "MailboxFullError",
     "MemorySnapshotStore",
     "MemoryStore",
@@ -144,6 +147,7 @@ __all__ = (
     "SummarizationMiddleware",
     "SystemClosedError",
     "SystemMessage",
+    "ThreadClient",
     "ThreadNotFoundError",
     "ThreadSnapshot",
     "ThreadlineError",

@@ -1,0 +1,215 @@
+"""How a caller talks to threads: the ``ThreadClient`` protocol and its in-process implementation.
+
+``ThreadClient`` is the small interface every way of reaching threads
+implements: ``LocalClient`` (the threads run in this process, in an
+``ActorSystem``) here; a client over Redis, reaching workers in other
+processes, is a second implementation of the same protocol, and one test suite
+runs against each.
+
+``tell_nowait`` is not part of the protocol: it answers without awaiting
+anything, which only an in-process mailbox can do (a remote ``tell`` must wait
+for its message to be durably appended before it may return).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import anyio
+
+from threadline.actors import AgentState, ThreadNotFoundError
+from threadline.actors._api import (
+    Reply,
+    StepInfo,
+    StreamPart,
+    ThreadSnapshot,
+    TurnResult,
+    stream_modes,
+)
+from threadline.persistence import load_thread, read_history
+
+from ._door import Input
+
+if TYPE_CHECKING:
+    from ._system import ActorSystem
+
+S = TypeVar("S", bound=AgentState)
+
+
+@runtime_checkable
+class ThreadClient(Protocol[S]):
+    """Send messages to thread actors and read their durable state.
+
+    A reply means durable: ``ask`` returns (and ``stream`` ends) only after the
+    turn's last step is committed; ``tell`` returns once the message is
+    accepted (the message id is its receipt: sending the same id again is
+    applied once).
+    """
+
+    async def ask(
+        self,
+        thread_id: str,
+        input: Input,
+        *,
+        context: Any = None,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> TurnResult[S]:
+        """Send a message and wait for the turn's result."""
+        ...
+
+    async def tell(
+        self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
+    ) -> str:
+        """Send a message without waiting for its turn; returns its message id."""
+        ...
+
+    def stream(
+        self,
+        thread_id: str,
+        input: Input,
+        *,
+        context: Any = None,
+        message_id: str | None = None,
+        mode: str | Sequence[str] = "updates",
+    ) -> AsyncIterator[StreamPart]:
+        """Send a message and yield the turn's events as its steps commit."""
+        ...
+
+    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
+        """The thread's last committed state (``ThreadNotFoundError`` if none)."""
+        ...
+
+    async def update_state(
+        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        """Apply ``update`` through the reducers as one committed step."""
+        ...
+
+    async def history(
+        self, thread_id: str, *, start: int = 1, stop: int | None = None
+    ) -> list[StepInfo]:
+        """The thread's committed steps, oldest first."""
+        ...
+
+    async def threads(self) -> list[str]:
+        """Ids of every thread with committed state."""
+        ...
+
+    async def delete(self, thread_id: str) -> bool:
+        """Delete the thread's durable records; True if it existed."""
+        ...
+
+
+class LocalClient(Generic[S]):
+    """``ThreadClient`` for threads that run in this process, in ``system``."""
+
+    __slots__ = ("_door", "_system")
+
+    def __init__(self, system: ActorSystem[S]) -> None:
+        self._system = system
+        self._door = system.door
+
+    async def ask(
+        self,
+        thread_id: str,
+        input: Input,
+        *,
+        context: Any = None,
+        message_id: str | None = None,
+        timeout: float | None = None,
+    ) -> TurnResult[S]:
+        """A timeout or cancellation stops the waiting, never the accepted message."""
+        envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
+        reply = Reply()
+        if timeout is None:  # (a cancel scope per ask is measurable at thousands/s)
+            await self._system.route(thread_id).put(envelope, reply)
+            return await reply.wait()  # type: ignore[no-any-return]
+        with anyio.fail_after(timeout):
+            await self._system.route(thread_id).put(envelope, reply)
+            result: TurnResult[S] = await reply.wait()
+        return result
+
+    async def tell(
+        self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
+    ) -> str:
+        envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
+        await self._system.route(thread_id).put(envelope, None)
+        return envelope.message_id
+
+    def tell_nowait(
+        self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
+    ) -> str:
+        """Enqueue a message or raise ``MailboxFullError``; returns its message id."""
+        envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
+        self._system.route(thread_id).offer(envelope, None)
+        return envelope.message_id
+
+    async def stream(
+        self,
+        thread_id: str,
+        input: Input,
+        *,
+        context: Any = None,
+        message_id: str | None = None,
+        mode: str | Sequence[str] = "updates",
+    ) -> AsyncIterator[StreamPart]:
+        modes = stream_modes(mode)
+        envelope = self._door.input(
+            thread_id, input, context=context, message_id=message_id, modes=tuple(sorted(modes))
+        )
+        send, receive = anyio.create_memory_object_stream[StreamPart](math.inf)
+        reply = Reply(sink=send, modes=modes)
+        with receive:
+            await self._system.route(thread_id).put(envelope, reply)
+            async for part in receive:
+                yield part
+        reply.outcome()
+
+    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
+        self._door.thread_id(thread_id)
+        system = self._system
+        actor = system.live_actor(thread_id)
+        if actor is not None and actor.ready and actor.state is not None:
+            state, version, turn = actor.state, actor.version, actor.turn
+        else:
+            recovered = await load_thread(system.snapshots, system.codec, thread_id)
+            if recovered.state is None:
+                raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
+            state, version, turn = recovered.state, recovered.version, recovered.turn
+        return ThreadSnapshot(
+            thread_id=thread_id,
+            version=version,
+            state=state,
+            next=None if turn is None else turn.next,
+        )
+
+    async def update_state(
+        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        envelope = self._door.update(thread_id, update)
+        reply = Reply()
+        with anyio.fail_after(timeout):
+            await self._system.route(thread_id).put(envelope, reply)
+            snapshot: ThreadSnapshot[S] = await reply.wait()
+        return snapshot
+
+    async def history(
+        self, thread_id: str, *, start: int = 1, stop: int | None = None
+    ) -> list[StepInfo]:
+        self._door.thread_id(thread_id)
+        return await read_history(
+            self._system.snapshots, self._system.codec, thread_id, start, stop
+        )
+
+    async def threads(self) -> list[str]:
+        return await self._system.snapshots.threads()
+
+    async def delete(self, thread_id: str) -> bool:
+        envelope = self._door.delete(thread_id)
+        reply = Reply()
+        await self._system.route(thread_id).put(envelope, reply)
+        existed: bool = await reply.wait()
+        return existed

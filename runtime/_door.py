@@ -1,0 +1,132 @@
+"""Validation at the door: what a sender hands in becomes an ``Envelope`` or a typed error.
+
+Everything a thread will store passes here first (thread id, message shape,
+state fields, context, size), so nothing that cannot be read back is ever
+accepted, and a refusal costs the thread nothing: it never reaches a mailbox.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from threadline.actors import (
+    AgentState,
+    AnyMessage,
+    BaseMessage,
+    InvalidInputError,
+    InvalidThreadIdError,
+    MessageTooLargeError,
+    coerce_messages,
+    normalize_update,
+)
+from threadline.actors._api import Envelope, new_id
+
+from .agent import Agent
+
+S = TypeVar("S", bound=AgentState)
+
+Input = str | Mapping[str, Any] | AnyMessage | Sequence[Any]
+"""What ``ask``/``tell``/``stream`` take: a message (str, OpenAI-style dict or
+message object), a list of them, or a state update dict with ``messages``."""
+
+
+def check_thread_id(thread_id: object, max_length: int) -> str:
+    if not isinstance(thread_id, str):
+        raise InvalidThreadIdError(f"a thread id must be a str, got {type(thread_id).__name__}")
+    if not thread_id.strip():
+        raise InvalidThreadIdError(
+            "a thread id must not be empty or only whitespace"
+            + (f" (got {thread_id!r})" if thread_id else "")
+        )
+    if len(thread_id) > max_length:
+        raise InvalidThreadIdError(
+            f"a thread id must be at most {max_length} characters, got {len(thread_id)}"
+        )
+    for ch in thread_id:
+        category = unicodedata.category(ch)
+        if category == "Cc":
+            raise InvalidThreadIdError(f"a thread id must not contain control characters ({ch!r})")
+        if category == "Cs":
+            raise InvalidThreadIdError("a thread id must be valid Unicode (lone surrogate)")
+    return thread_id
+
+
+def check_message_id(message_id: object) -> str:
+    if not isinstance(message_id, str) or not message_id.strip() or len(message_id) > 256:
+        raise InvalidInputError(
+            "message_id must be a non-blank str of at most 256 characters, "
+            f"got {type(message_id).__name__} {str(message_id)[:40]!r}"
+        )
+    return message_id
+
+
+class Door(Generic[S]):
+    """Turns what a sender hands in into envelopes for ``agent``'s threads."""
+
+    def __init__(
+        self, agent: Agent[S], *, max_message_bytes: int, max_thread_id_length: int
+    ) -> None:
+        self.agent = agent
+        self.max_message_bytes = max_message_bytes
+        self.max_thread_id_length = max_thread_id_length
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def thread_id(self, thread_id: object) -> str:
+        return check_thread_id(thread_id, self.max_thread_id_length)
+
+    def input(
+        self,
+        thread_id: str,
+        input: Input,
+        *,
+        context: Any = None,
+        message_id: str | None = None,
+        modes: tuple[str, ...] = (),
+    ) -> Envelope:
+        """An ``input`` envelope: starts a turn."""
+        self.thread_id(thread_id)
+        message_id = new_id() if message_id is None else check_message_id(message_id)
+        update = self._input_update(input, message_id)
+        raw_context = self.agent.context.dump(context)
+        size = len(self._encoder.encode(update)) + len(self._encoder.encode(raw_context))
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message for thread {thread_id!r} is {size} bytes; "
+                f"the limit is {self.max_message_bytes}"
+            )
+        return Envelope(
+            kind="input",
+            message_id=message_id,
+            thread_id=thread_id,
+            update=update,
+            context=raw_context,
+            modes=modes,
+        )
+
+    def update(self, thread_id: str, update: Mapping[str, Any]) -> Envelope:
+        """An ``update`` envelope: one step through the reducers, no turn."""
+        self.thread_id(thread_id)
+        normalized = normalize_update(self.agent.state_schema, update, source="update_state")
+        size = len(self._encoder.encode(normalized))
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"update for thread {thread_id!r} is {size} bytes; "
+                f"the limit is {self.max_message_bytes}"
+            )
+        return Envelope(kind="update", message_id=new_id(), thread_id=thread_id, update=normalized)
+
+    def delete(self, thread_id: str) -> Envelope:
+        self.thread_id(thread_id)
+        return Envelope(kind="delete", message_id=new_id(), thread_id=thread_id)
+
+    def _input_update(self, input: Input, message_id: str) -> dict[str, Any]:
+        """A plain message, a list of them, or a state update dict with 'messages'."""
+        if isinstance(input, (str, BaseMessage, list, tuple)) or (
+            isinstance(input, Mapping) and ("role" in input or "type" in input)
+        ):
+            return {"messages": coerce_messages(input, first_id=message_id)}
+        return normalize_update(self.agent.state_schema, input, source="input", first_id=message_id)
