@@ -3,11 +3,11 @@
 The child (``python -m benchmarks._memory child N PATH``) opens an
 ``ActorSystem`` on a SQLite file (so the records live on disk, not in the
 process) with passivation off, warms up with a few hundred threads (every
-code path has run, the allocator has its pools), then measures RSS (psutil,
-after ``gc.collect()``), activates N more threads with one short message each
-(1,000 turns in flight at a time) and measures RSS again. Every one of those
-threads stays live and idle in memory: its state (the message and the
-200-character reply) and its actor.
+code path has run, the allocator has its pools), then measures RSS (from
+``/proc/self/statm``: no extra package; after ``gc.collect()``), activates N
+more threads with one short message each (1,000 turns in flight at a time)
+and measures RSS again. Every one of those threads stays live and idle in
+memory: its state (the message and the 200-character reply) and its actor.
 
 Reported per thread: the RSS delta, the state (msgpack-encoded size of
 ``TurnResult.state``, i.e. what the actor holds, in its most compact form),
@@ -37,7 +37,7 @@ import msgspec
 from threadline.actors import AIMessage
 from threadline.runtime import ModelRequest
 
-from ._common import REPLY, Progress, quiet_logs, temp_dir
+from ._common import REPLY, Progress, quiet_logs, rss_bytes, temp_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM = 500
@@ -82,12 +82,10 @@ async def run(threads: int) -> dict[str, Any]:
 
 
 async def _child(threads: int, path: str) -> dict[str, Any]:
-    import psutil
-
     from threadline.persistence import SqliteSnapshotStore
     from threadline.runtime import ActorSystem, Agent
 
-    process = psutil.Process()
+    rss_bytes()  # fails here, before any work, where there is no /proc/self/statm
     encoder = msgspec.msgpack.Encoder()
     store = SqliteSnapshotStore(path, synchronous="FULL")
     system: ActorSystem[Any] = ActorSystem(
@@ -111,7 +109,7 @@ async def _child(threads: int, path: str) -> dict[str, Any]:
         await activate(0, WARM, measure=False)
         await anyio.sleep(0.05)
         gc.collect()
-        rss0 = process.memory_info().rss
+        rss0 = rss_bytes()
         progress = Progress("memory: activating threads", threads)
         start = time.perf_counter()
         for first in range(WARM, WARM + threads, CHUNK):
@@ -121,7 +119,7 @@ async def _child(threads: int, path: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         await anyio.sleep(0.05)
         gc.collect()
-        rss1 = process.memory_info().rss
+        rss1 = rss_bytes()
         live = system.live_threads
     assert live == WARM + threads, live
     assert totals["threads"] == threads

@@ -1,9 +1,11 @@
 """The benchmark suite runs end to end at its ``--quick`` size (so it cannot rot).
 
 Both runs use the session's redis-server (``--redis-url``): the suite starts
-no server of its own. The second run hides ``langgraph`` behind a package that
-fails to import, so the peer-less path is exercised whether or not langgraph
-is installed here.
+no server of its own. Both hide ``psutil`` behind a package that fails to
+import: the suite (the memory workload's RSS included) needs nothing beyond
+the ``test`` extra, whether or not psutil happens to be installed here. The
+second run also hides ``langgraph``, so the peer-less path is exercised
+whether or not langgraph is installed here.
 """
 
 from __future__ import annotations
@@ -19,13 +21,25 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from benchmarks._common import rss_bytes
+
 if TYPE_CHECKING:
     from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks")
 
-pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+def _hide(tmp_path: Path, *packages: str) -> dict[str, str]:
+    """Environment whose PYTHONPATH puts first a package per name that fails to import."""
+    shadow = tmp_path / "shadow"
+    for name in packages:
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("{name} hidden by the test", name="{name}")\n'
+        )
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path}
 
 
 def _langgraph_importable() -> bool:
@@ -63,8 +77,26 @@ def _by_system(results: list[dict[str, Any]], system: str) -> set[str]:
     return {r["store"] for r in results if r["system"] == system}
 
 
+def test_rss_bytes_is_this_process_resident_memory() -> None:
+    def status_rss() -> int:
+        status = Path("/proc/self/status").read_text()
+        kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))
+        return int(kib) * 1024
+
+    assert abs(rss_bytes() - status_rss()) < 4 << 20  # the same counter, read twice
+    before = rss_bytes()
+    block = b"x" * (32 << 20)  # written, so every page is resident
+    grown = rss_bytes() - before
+    assert 30 << 20 <= grown <= 40 << 20, grown
+    del block
+
+
+@pytest.mark.slow
+@pytest.mark.redis
 def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Path) -> None:
-    stdout, report = _run(["all", "--redis-url", redis_server.url], tmp_path)
+    stdout, report = _run(
+        ["all", "--redis-url", redis_server.url], tmp_path, _hide(tmp_path, "psutil")
+    )
     peer = _langgraph_importable()
     assert report["peer"]["available"] is peer
     for workload in WORKLOADS:
@@ -138,13 +170,13 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
     assert "RediSearch" in stdout  # the peer's Redis saver is reported, not faked
 
 
+@pytest.mark.slow
+@pytest.mark.redis
 def test_quick_suite_without_langgraph(redis_server: RedisServer, tmp_path: Path) -> None:
-    shadow = tmp_path / "shadow" / "langgraph"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text('raise ImportError("langgraph hidden by the test")\n')
-    path = os.pathsep.join(p for p in (str(shadow.parent), os.environ.get("PYTHONPATH")) if p)
     stdout, report = _run(
-        ["w1", "w2", "w3", "--redis-url", redis_server.url], tmp_path, {"PYTHONPATH": path}
+        ["w1", "w2", "w3", "--redis-url", redis_server.url],
+        tmp_path,
+        _hide(tmp_path, "langgraph", "psutil"),
     )
     assert report["peer"]["available"] is False
     assert "langgraph hidden by the test" in report["peer"]["skipped"]
