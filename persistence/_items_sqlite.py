@@ -129,6 +129,7 @@ class SqliteStore(Reentrant):
             meta_table="store_meta",
             schema_version=SCHEMA_VERSION,
             schema_name="store schema",
+            corrupt=ItemCorruptError,
         )
 
     def __repr__(self) -> str:
