@@ -32,15 +32,10 @@ TTL = 0.3
 AFTER_TTL = 0.6
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
-    ids=["memory", "sqlite", "redis"],
-)
-def kind(request: pytest.FixtureRequest) -> str:
-    kind = str(request.param)
-    if kind == "redis":
-        request.getfixturevalue("redis_server")  # start it, or skip before the test
-    return kind
+@pytest.fixture
+def kind(store_kind: str) -> str:
+    """memory, sqlite, redis: conftest's ``store_kind`` (which starts redis-server or skips)."""
+    return store_kind
 
 
 @pytest.fixture
