@@ -21,7 +21,9 @@ from typing import Generic, Self, TypeVar
 import anyio
 import anyio.abc
 
-from threadline.actors import StoreUnavailableError
+from threadline.actors import PersistenceError, StoreUnavailableError
+
+__all__ = ["FlushFn", "GroupCommitter", "unavailable"]
 
 T = TypeVar("T")
 
@@ -44,17 +46,28 @@ class _Slot(Generic[T]):
             self.done.set()
 
 
-def _unavailable(message: str, cause: BaseException | None) -> StoreUnavailableError:
+def unavailable(message: str, cause: BaseException) -> StoreUnavailableError:
+    """``StoreUnavailableError(message)`` caused by ``cause``: an item's result, returned
+    rather than raised (each submitter raises its own instance)."""
     exc = StoreUnavailableError(message)
     exc.__cause__ = cause
     return exc
+
+
+def _again(exc: PersistenceError) -> PersistenceError:
+    """A fresh copy of a store's error for one submitter: same type, message and cause."""
+    copy = type(exc)(*exc.args)
+    copy.__cause__ = exc.__cause__ or exc
+    return copy
 
 
 class GroupCommitter(Generic[T]):
     """Batches submitted items through a single writer task.
 
     ``submit`` returns once the item's batch was flushed and raises the item's
-    error, if any. If ``flush`` raises, every item of the batch gets its own
+    error, if any. If ``flush`` raises a ``PersistenceError`` (the store says
+    what failed: unavailable, corrupt), every item of the batch gets its own
+    error of that type and message; if it raises anything else, its own
     ``StoreUnavailableError`` whose ``__cause__`` is the exception. A submitter
     that is cancelled while waiting does not disturb the batch (its item may
     still be written).
@@ -149,19 +162,19 @@ class GroupCommitter(Generic[T]):
                 raise RuntimeError(  # noqa: TRY301 - a bug in flush: fail the batch
                     f"flush returned {len(results)} results for {len(batch)} items"
                 )
-        except StoreUnavailableError as exc:
-            # The store already said what failed: same message, same cause.
+        except PersistenceError as exc:
+            # The store already said what failed: same type, message and cause.
             for slot in batch:
-                slot.resolve(_unavailable(str(exc), exc.__cause__ or exc))
+                slot.resolve(_again(exc))
             return
         except Exception as exc:
             for slot in batch:
-                slot.resolve(_unavailable(f"commit failed: {exc!r}", exc))
+                slot.resolve(unavailable(f"commit failed: {exc!r}", exc))
             return
         except BaseException as exc:
             # Cancelled mid-flush: the outcome is unknown.
             for slot in batch:
-                slot.resolve(_unavailable("store closed while committing; outcome unknown", exc))
+                slot.resolve(unavailable("store closed while committing; outcome unknown", exc))
             raise
         for slot, result in zip(batch, results, strict=True):
             slot.resolve(result)

@@ -47,6 +47,8 @@ import msgspec
 
 from threadline.actors import InvalidInputError
 
+from ._lifecycle import Reentrant
+
 __all__ = ["Item", "MemoryStore", "Namespace", "Store"]
 
 Namespace = tuple[str, ...]
@@ -310,6 +312,37 @@ def matches(value: Mapping[str, Any], filter: Mapping[str, Any] | None) -> bool:
     return all(k in value and json_equal(value[k], v) for k, v in filter.items())
 
 
+class SearchPage:
+    """``search``'s filter, offset and limit, applied to live items in store order.
+
+    Every store feeds its items to :meth:`offer` until it returns True (or the
+    items run out); :attr:`items` is then the answer. A store that already cut
+    the offset itself (in its query) passes ``offset=0``.
+    """
+
+    __slots__ = ("_filter", "_limit", "_skip", "items")
+
+    def __init__(self, filter: Mapping[str, Any] | None, limit: int, offset: int) -> None:
+        self._filter = filter
+        self._limit = limit
+        self._skip = offset
+        self.items: list[Item] = []
+
+    @property
+    def full(self) -> bool:
+        """Whether no further item can join the page (true from the start for ``limit=0``)."""
+        return len(self.items) >= self._limit
+
+    def offer(self, item: Item) -> bool:
+        """Take ``item`` if it matches the filter and the offset is spent; return :attr:`full`."""
+        if matches(item.value, self._filter):
+            if self._skip:
+                self._skip -= 1
+            else:
+                self.items.append(item)
+        return self.full
+
+
 def ttl_ms(ttl: float) -> int:
     """A ttl in whole milliseconds, rounded up (never 0)."""
     return max(1, math.ceil(ttl * 1000))
@@ -371,12 +404,13 @@ class _Entry(msgspec.Struct):
     expires_at: float | None
 
 
-class MemoryStore:
+class MemoryStore(Reentrant):
     """Items in this process's memory: for tests and ephemeral deployments.
 
     Values are kept as JSON bytes, so reads return fresh dicts and a caller
     mutating a value it put or got changes nothing stored. Every method runs
     without awaiting, so each is atomic with respect to the event loop.
+    Entering it opens nothing.
     """
 
     def __init__(self) -> None:
@@ -386,17 +420,6 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._items)} items)"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     def _purge(self, now: float) -> None:
         while self._expiry and self._expiry[0][0] <= now:
@@ -470,19 +493,12 @@ class MemoryStore:
     ) -> list[Item]:
         prefix, wanted, limit, offset = check_search(namespace_prefix, filter, limit, offset)
         self._purge(time.time())
-        out: list[Item] = []
-        skipped = 0
-        for k in self._under(prefix):
-            if len(out) >= limit:
-                break
-            item = self._item(k, self._items[k])
-            if not matches(item.value, wanted):
-                continue
-            if skipped < offset:
-                skipped += 1
-                continue
-            out.append(item)
-        return out
+        page = SearchPage(wanted, limit, offset)
+        if not page.full:
+            for k in self._under(prefix):
+                if page.offer(self._item(k, self._items[k])):
+                    break
+        return page.items
 
     async def list_namespaces(
         self,

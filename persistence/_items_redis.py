@@ -38,6 +38,7 @@ from ._items import (
     KEY_MARK,
     Item,
     Namespace,
+    SearchPage,
     check_key,
     check_listing,
     check_namespace,
@@ -47,7 +48,6 @@ from ._items import (
     decode_value,
     encode_namespace,
     encode_value,
-    matches,
     prefix_upper_bound,
     truncate_namespaces,
     ttl_ms,
@@ -216,10 +216,9 @@ class RedisStore(Reentrant):
     ) -> list[Item]:
         prefix, wanted, limit, offset = check_search(namespace_prefix, filter, limit, offset)
         self._check_open()
-        out: list[Item] = []
-        if limit == 0:
-            return out
-        skipped = 0
+        found = SearchPage(wanted, limit, offset)
+        if found.full:
+            return found.items
         # Every index member must be checked (its item may have expired), so
         # the offset cannot be handed to ZRANGEBYLEX.
         size = min(_PAGE, max(16, offset + limit))
@@ -228,15 +227,9 @@ class RedisStore(Reentrant):
         while low is not None:
             page, low = await self._page(low, high, size)
             for _, item in page:
-                if item is None or not matches(item.value, wanted):
-                    continue
-                if skipped < offset:
-                    skipped += 1
-                    continue
-                out.append(item)
-                if len(out) >= limit:
-                    return out
-        return out
+                if item is not None and found.offer(item):
+                    return found.items
+        return found.items
 
     async def list_namespaces(
         self,

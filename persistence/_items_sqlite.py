@@ -35,6 +35,7 @@ from threadline.actors import ItemCorruptError
 from ._items import (
     Item,
     Namespace,
+    SearchPage,
     check_key,
     check_listing,
     check_namespace,
@@ -44,7 +45,6 @@ from ._items import (
     decode_value,
     encode_namespace,
     encode_value,
-    matches,
     prefix_upper_bound,
     truncate_namespaces,
 )
@@ -129,6 +129,7 @@ class SqliteStore(Reentrant):
             meta_table="store_meta",
             schema_version=SCHEMA_VERSION,
             schema_name="store schema",
+            corrupt=ItemCorruptError,
         )
 
     def __repr__(self) -> str:
@@ -193,32 +194,23 @@ class SqliteStore(Reentrant):
             # Without a filter the page can be cut in SQL.
             sql += " LIMIT ? OFFSET ?"
             params = (*params, limit, offset)
-        out: list[Item] = []
-        skipped = 0
+        page = SearchPage(wanted, limit, offset if wanted else 0)
         with self._db.reading() as conn:
             async with conn.execute(sql, params) as cursor:
                 async for row in cursor:
                     ns = decode_namespace(str(row[0]))
                     key = str(row[1])
-                    value = self._decode(row[2], ns, key)
-                    if not matches(value, wanted):
-                        continue
-                    if wanted and skipped < offset:
-                        skipped += 1
-                        continue
-                    out.append(
-                        Item(
-                            namespace=ns,
-                            key=key,
-                            value=value,
-                            created_at=float(row[3]),
-                            updated_at=float(row[4]),
-                            expires_at=None if row[5] is None else float(row[5]),
-                        )
+                    item = Item(
+                        namespace=ns,
+                        key=key,
+                        value=self._decode(row[2], ns, key),
+                        created_at=float(row[3]),
+                        updated_at=float(row[4]),
+                        expires_at=None if row[5] is None else float(row[5]),
                     )
-                    if len(out) >= limit:
+                    if page.offer(item):
                         break
-        return out
+        return page.items
 
     async def list_namespaces(
         self,

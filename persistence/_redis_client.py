@@ -18,7 +18,6 @@ __all__ = [
     "client_from_url",
     "mapped",
     "store_client",
-    "unavailable",
 ]
 
 _SCHEMES: Final = ("redis", "rediss", "unix")
@@ -83,10 +82,3 @@ def mapped(what: str) -> Iterator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc
-
-
-def unavailable(message: str, cause: BaseException) -> StoreUnavailableError:
-    """``StoreUnavailableError(message)`` caused by ``cause``, to return rather than raise."""
-    exc = StoreUnavailableError(message)
-    exc.__cause__ = cause
-    return exc

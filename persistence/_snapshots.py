@@ -17,7 +17,9 @@ from typing import Protocol, Self, runtime_checkable
 
 import msgspec
 
-from threadline.actors import ConflictError, FencedError
+from threadline.actors import ConflictError, FencedError, SnapshotCorruptError
+
+from ._lifecycle import Reentrant
 
 
 class StoredThread(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,19 +110,42 @@ class SnapshotStore(Protocol):
         ...
 
 
-def check_head(
-    thread_id: str, stored_version: int | None, stored_epoch: int, version: int, epoch: int
-) -> None:
-    """The conditional-commit rule shared by every store (raises on violation)."""
+def check_fence(thread_id: str, stored_epoch: int, epoch: int) -> None:
+    """Raise ``FencedError`` if a newer owner than ``epoch`` holds the thread."""
     if stored_epoch > epoch:
         raise FencedError(
             f"thread {thread_id!r} is owned by epoch {stored_epoch}; this writer holds {epoch}"
         )
+
+
+def check_head(
+    thread_id: str, stored_version: int | None, stored_epoch: int, version: int, epoch: int
+) -> None:
+    """The conditional-commit rule shared by every store (raises on violation)."""
+    check_fence(thread_id, stored_epoch, epoch)
     if stored_version is None or stored_version != version or stored_epoch != epoch:
         raise ConflictError(
             f"thread {thread_id!r} is at version {stored_version} (epoch {stored_epoch}); "
             f"this writer built on version {version} (epoch {epoch})"
         )
+
+
+def check_records(thread_id: str, stored_version: int | None, last_step: int) -> None:
+    """The head must sit on the last stored step: ``SnapshotCorruptError`` if not.
+
+    ``stored_version`` is the head's version (None: there is no head) and
+    ``last_step`` the highest step version stored (0: none). Every store
+    checks this when it loads a thread and before it appends to one: a head
+    behind its steps would make the next commit collide with a stored step,
+    and one ahead of them names steps that are gone. Only that thread is
+    affected; deleting it is the way out.
+    """
+    if (stored_version or 0) == last_step:
+        return
+    head = "no head" if stored_version is None else f"a head at version {stored_version}"
+    raise SnapshotCorruptError(
+        f"thread {thread_id!r} has {head} but step records up to version {last_step}"
+    )
 
 
 class _MemoryThread:
@@ -133,26 +158,16 @@ class _MemoryThread:
         self.full_version = 0
 
 
-class MemorySnapshotStore:
+class MemorySnapshotStore(Reentrant):
     """Keeps records in this process's memory: for tests and ephemeral threads.
 
     Every method runs without awaiting in between its check and its write, so
-    each is atomic with respect to the event loop.
+    each is atomic with respect to the event loop. The head is the number of
+    steps, so it cannot disagree with them. Entering it opens nothing.
     """
 
     def __init__(self) -> None:
         self._threads: dict[str, _MemoryThread] = {}
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
     async def acquire(self, thread_id: str) -> int:
         t = self._threads.get(thread_id)
@@ -203,10 +218,8 @@ class MemorySnapshotStore:
         t = self._threads.get(thread_id)
         if t is None:
             return False
-        if epoch is not None and t.epoch > epoch:
-            raise FencedError(
-                f"thread {thread_id!r} is owned by epoch {t.epoch}; this writer holds {epoch}"
-            )
+        if epoch is not None:
+            check_fence(thread_id, t.epoch, epoch)
         existed = bool(t.steps)
         t.steps, t.full, t.full_version = [], None, 0
         t.epoch += 1

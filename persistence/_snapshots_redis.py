@@ -31,23 +31,22 @@ from redis.exceptions import NoScriptError
 
 from threadline.actors import (
     ConflictError,
-    FencedError,
     PersistenceError,
     SnapshotCorruptError,
     StoreUnavailableError,
 )
 
-from ._batch import GroupCommitter
+from ._batch import GroupCommitter, unavailable
 from ._lifecycle import ExcInfo, Reentrant
-from ._redis_client import (
-    check_prefix,
-    client_from_url,
-    close_client,
-    mapped,
-    store_client,
-    unavailable,
+from ._redis_client import check_prefix, client_from_url, close_client, mapped, store_client
+from ._snapshots import (
+    AcquireRequest,
+    CommitRequest,
+    StoredThread,
+    check_fence,
+    check_head,
+    check_records,
 )
-from ._snapshots import AcquireRequest, CommitRequest, StoredThread, check_head
 
 __all__ = ["RedisSnapshotStore"]
 
@@ -61,11 +60,16 @@ return epoch
 
 # KEYS: head, steps, full. ARGV: expected_version, epoch, step [, full].
 # Returns {status, stored version, stored epoch}; status 0 = committed (the
-# version returned is the new one), 1 = fenced, 2 = conflict, 3 = the steps
-# list does not match the head (corrupt), 4 = no head at all.
+# version returned is the new one), 1 = fenced, 2 = conflict, 4 = no head at
+# all; 3 = the steps list does not match the head (corrupt), and then the
+# third value is the list's length (and the version -1 if there is no head).
 _COMMIT_LUA: Final = """
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
 if not head[1] then
+  local length = redis.call('LLEN', KEYS[2])
+  if length > 0 then
+    return {3, -1, length}
+  end
   return {4, 0, tonumber(head[2] or '0')}
 end
 local version = tonumber(head[1])
@@ -78,8 +82,9 @@ end
 if version ~= expected or epoch ~= writer then
   return {2, version, epoch}
 end
-if redis.call('LLEN', KEYS[2]) ~= version then
-  return {3, version, epoch}
+local length = redis.call('LLEN', KEYS[2])
+if length ~= version then
+  return {3, version, length}
 end
 redis.call('RPUSH', KEYS[2], ARGV[3])
 if #ARGV >= 4 then
@@ -93,11 +98,17 @@ return {0, version + 1, epoch}
 
 # KEYS: head, steps, full. ARGV: epoch or ''. Returns {status, value}:
 # -1 = no head (nothing done), 1 = fenced (value = stored epoch),
-# 0 = deleted (value = the version it had).
+# 0 = deleted (value > 0 if it had steps). Steps left without a head (a
+# corrupt thread) are deleted too.
 _DELETE_LUA: Final = """
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
+local steps = redis.call('LLEN', KEYS[2])
 if not head[1] and not head[2] then
-  return {-1, 0}
+  if steps == 0 then
+    return {-1, 0}
+  end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return {0, steps}
 end
 local version = tonumber(head[1] or '0')
 local epoch = tonumber(head[2] or '0')
@@ -107,15 +118,17 @@ end
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'version', 0, 'full_version', 0)
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-return {0, version}
+return {0, math.max(version, steps)}
 """
 
 # KEYS: head, steps, full. Read-only; one consistent snapshot in one round trip.
-# Returns nil, or {version, epoch, full_version, full or nil, steps after the full}.
+# Returns the steps list's length if there is no head, else {version, epoch,
+# full_version, full or nil, steps after the full, the steps list's length}.
 _LOAD_LUA: Final = """
+local length = redis.call('LLEN', KEYS[2])
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch', 'full_version')
 if not head[1] then
-  return false
+  return length
 end
 local full_version = tonumber(head[3] or '0')
 local full = false
@@ -123,7 +136,7 @@ if full_version > 0 then
   full = redis.call('GET', KEYS[3])
 end
 local steps = redis.call('LRANGE', KEYS[2], full_version, -1)
-return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps}
+return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps, length}
 """
 
 _INDEX_CHUNK: Final = 1000
@@ -239,11 +252,12 @@ class RedisSnapshotStore(Reentrant):
         self._check_open()
         with mapped("load"):
             reply = await self._load_script(keys=list(self._keys(thread_id)))
-        if reply is None:
+        if isinstance(reply, int):  # no head
+            check_records(thread_id, None, reply)
             return None
         try:
-            version, epoch, full_version, full, steps = reply
-            return StoredThread(
+            version, epoch, full_version, full, steps, length = reply
+            stored = StoredThread(
                 version=int(version),
                 epoch=int(epoch),
                 full=None if full is None else bytes(full),
@@ -254,6 +268,8 @@ class RedisSnapshotStore(Reentrant):
             raise SnapshotCorruptError(
                 f"unexpected head of thread {thread_id!r} in redis: {reply!r}"
             ) from exc
+        check_records(thread_id, stored.version, int(length))
+        return stored
 
     async def read_steps(
         self, thread_id: str, start: int = 1, stop: int | None = None
@@ -313,9 +329,8 @@ class RedisSnapshotStore(Reentrant):
         if status == -1:
             return False
         if status == 1:
-            raise FencedError(
-                f"thread {thread_id!r} is owned by epoch {value}; this writer holds {epoch}"
-            )
+            assert epoch is not None
+            check_fence(thread_id, value, epoch)
         # Drop the thread from the index, then look again: a new owner may
         # have committed (and added it) between the script and the SREM.
         with mapped("delete"):
@@ -389,24 +404,22 @@ class RedisSnapshotStore(Reentrant):
         if isinstance(reply, Exception):
             return unavailable(f"redis commit of {r.thread_id!r} failed: {reply}", reply)
         try:
-            status, version, epoch = (int(x) for x in reply)
+            status, version, third = (int(x) for x in reply)
         except (TypeError, ValueError) as exc:
             return unavailable(f"unexpected redis reply to a commit: {reply!r}", exc)
         if status == 0:
             return None
-        if status == 3:
-            return SnapshotCorruptError(
-                f"thread {r.thread_id!r}: head says version {version} "
-                "but the steps list has another length"
-            )
         try:
-            check_head(
-                r.thread_id,
-                None if status == 4 else version,
-                epoch,
-                r.expected_version,
-                r.epoch,
-            )
+            if status == 3:  # the third value is the steps list's length
+                check_records(r.thread_id, None if version < 0 else version, third)
+            else:  # the third value is the stored epoch
+                check_head(
+                    r.thread_id,
+                    None if status == 4 else version,
+                    third,
+                    r.expected_version,
+                    r.epoch,
+                )
         except PersistenceError as exc:
             return exc
         return ConflictError(  # unreachable unless the script and check_head disagree

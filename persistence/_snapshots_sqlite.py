@@ -13,11 +13,16 @@ write). Commits are grouped: a batch is one transaction with a handful of
 statements, whatever its size. Every condition lives in the SQL, so several
 processes can share a file (``BEGIN IMMEDIATE`` plus ``busy_timeout``
 serialize them).
+
+One request never fails another: when a batch does not apply as a whole, the
+requests are decided one by one against the heads and the step records, and
+a request the heads did not predict to fail runs in a savepoint of its own.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -25,11 +30,23 @@ from typing import Final, Literal
 
 import aiosqlite
 
-from threadline.actors import FencedError, PersistenceError, StoreUnavailableError
+from threadline.actors import (
+    ConflictError,
+    PersistenceError,
+    SnapshotCorruptError,
+    StoreUnavailableError,
+)
 
 from ._batch import GroupCommitter
 from ._lifecycle import ExcInfo, Reentrant
-from ._snapshots import AcquireRequest, CommitRequest, StoredThread, check_head
+from ._snapshots import (
+    AcquireRequest,
+    CommitRequest,
+    StoredThread,
+    check_fence,
+    check_head,
+    check_records,
+)
 from ._sqlite_db import SqliteDatabase, rollback, transaction
 
 __all__ = ["SqliteSnapshotStore"]
@@ -71,6 +88,12 @@ _INSERT_STEP: Final = "INSERT INTO steps (thread_id, version, record) VALUES (?,
 _INSERT_FULL: Final = "INSERT OR REPLACE INTO fulls (thread_id, version, record) VALUES (?, ?, ?)"
 _DROP_OLD_FULLS: Final = "DELETE FROM fulls WHERE thread_id = ? AND version < ?"
 _HEAD: Final = "SELECT version, epoch FROM threads WHERE thread_id = ?"
+# The head (NULLs if there is none) and the last step stored (NULL if none).
+_HEAD_AND_LAST: Final = (
+    "SELECT (SELECT version FROM threads WHERE thread_id = ?1),"
+    " (SELECT epoch FROM threads WHERE thread_id = ?1),"
+    " (SELECT max(version) FROM steps WHERE thread_id = ?1)"
+)
 _ACQUIRE: Final = (
     "INSERT INTO threads (thread_id, version, epoch, full_version, updated_at)"
     " VALUES (?, 0, 1, 0, ?)"
@@ -79,7 +102,8 @@ _ACQUIRE: Final = (
 
 
 # One statement, hence one consistent snapshot: the head (kind 0), the latest
-# full record (kind 1) and the steps after it (kind 2).
+# full record (kind 1), the steps after it (kind 2) and the last step stored,
+# whatever the head says (kind 3, one row, NULL if there is none).
 _LOAD: Final = (
     "SELECT 0, version, epoch, full_version, NULL FROM threads WHERE thread_id = ?1"
     " UNION ALL"
@@ -90,10 +114,17 @@ _LOAD: Final = (
     " SELECT 2, s.version, NULL, NULL, s.record FROM steps AS s JOIN threads AS t"
     "  ON t.thread_id = s.thread_id AND s.version > t.full_version AND s.version <= t.version"
     "  WHERE s.thread_id = ?1"
+    " UNION ALL"
+    " SELECT 3, max(version), NULL, NULL, NULL FROM steps WHERE thread_id = ?1"
     " ORDER BY 1, 2"
 )
 
 _MAX_INT: Final = (1 << 63) - 1
+
+# What one request's statements can raise without the database being at fault:
+# a step that collides with a stored one (the head is behind its steps), a
+# record or number SQLite cannot take. Only that request fails.
+_REQUEST_ERRORS: Final = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 
 
 class SqliteSnapshotStore(Reentrant):
@@ -128,6 +159,7 @@ class SqliteSnapshotStore(Reentrant):
             meta_table="meta",
             schema_version=SCHEMA_VERSION,
             schema_name="schema",
+            corrupt=SnapshotCorruptError,
         )
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -168,22 +200,24 @@ class SqliteSnapshotStore(Reentrant):
 
     async def load(self, thread_id: str) -> StoredThread | None:
         rows = await self._db.read(_LOAD, (thread_id,))
-        if not rows or rows[0][0] != 0:
-            return None
-        _, version, epoch, full_version, _ = rows[0]
+        head: tuple[int, int, int] | None = None
         full: bytes | None = None
         steps: list[bytes] = []
-        for kind, _v, _e, _f, record in rows[1:]:
-            if kind == 1:
+        last_step = 0
+        for kind, version, epoch, full_version, record in rows:
+            if kind == 0:
+                head = (int(version), int(epoch), int(full_version))
+            elif kind == 1:
                 full = bytes(record)
-            else:
+            elif kind == 2:
                 steps.append(bytes(record))
+            else:
+                last_step = 0 if version is None else int(version)
+        check_records(thread_id, None if head is None else head[0], last_step)
+        if head is None:
+            return None
         return StoredThread(
-            version=int(version),
-            epoch=int(epoch),
-            full=full,
-            full_version=int(full_version),
-            steps=steps,
+            version=head[0], epoch=head[1], full=full, full_version=head[2], steps=steps
         )
 
     async def read_steps(
@@ -226,19 +260,19 @@ class SqliteSnapshotStore(Reentrant):
         async def run(conn: aiosqlite.Connection) -> bool:
             async with transaction(conn):
                 rows = list(await conn.execute_fetchall(_HEAD, (thread_id,)))
-                if not rows:
-                    return False
-                stored_version, stored_epoch = int(rows[0][0]), int(rows[0][1])
-                if epoch is not None:
-                    _check_fence(thread_id, stored_epoch, epoch)
-                await conn.execute("DELETE FROM steps WHERE thread_id = ?", (thread_id,))
+                if rows and epoch is not None:
+                    check_fence(thread_id, int(rows[0][1]), epoch)
+                dropped = await conn.execute("DELETE FROM steps WHERE thread_id = ?", (thread_id,))
                 await conn.execute("DELETE FROM fulls WHERE thread_id = ?", (thread_id,))
+                had_steps = dropped.rowcount > 0
+                if not rows:  # steps without a head (corrupt) are gone; no tombstone
+                    return had_steps
                 await conn.execute(
                     "UPDATE threads SET version = 0, full_version = 0, epoch = epoch + 1,"
                     " updated_at = ? WHERE thread_id = ?",
                     (time.time(), thread_id),
                 )
-            return stored_version > 0
+            return had_steps or int(rows[0][0]) > 0
 
         return await self._db.write(run)
 
@@ -271,30 +305,88 @@ class SqliteSnapshotStore(Reentrant):
         if not batch:
             return []
         # Fast path: every request applies; a handful of statements in all.
-        cursor = await conn.executemany(
-            _ADVANCE,
-            [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in batch],
-        )
-        if cursor.rowcount == len(batch):
-            await self._insert_records(conn, batch)
-            return [None] * len(batch)
-        # Some request conflicts or is fenced: start over, deciding request by
-        # request against the heads (read under the write lock).
+        try:
+            if await self._apply(conn, batch, now):
+                return [None] * len(batch)
+        except _REQUEST_ERRORS:
+            pass  # some request's records do not fit: found below
+        # Some request conflicts, is fenced or cannot be stored: start over,
+        # deciding request by request against the heads and the step records
+        # (read under the write lock), so it fails alone.
         await conn.execute("ROLLBACK")
         await conn.execute("BEGIN IMMEDIATE")
         results = await self._decide(conn, batch)
         good = [r for r, result in zip(batch, results, strict=True) if result is None]
-        if good:
-            cursor = await conn.executemany(
-                _ADVANCE,
-                [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in good],
-            )
-            if cursor.rowcount != len(good):
-                raise StoreUnavailableError(
-                    f"{self._db.path!r}: heads changed inside a write transaction"
-                )
-            await self._insert_records(conn, good)
+        if good and await self._in_savepoint(conn, good, now) is not None:
+            # A failure the heads did not predict: one savepoint per request.
+            for i, r in enumerate(batch):
+                if results[i] is None:
+                    failure = await self._in_savepoint(conn, [r], now)
+                    if failure is not None:
+                        results[i] = await self._explain(conn, r, failure)
         return results
+
+    async def _apply(
+        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest], now: float
+    ) -> bool:
+        """Advance the heads and store the records; False (with the heads
+        advanced in part) if some head is not where its request expects it."""
+        cursor = await conn.executemany(
+            _ADVANCE,
+            [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in batch],
+        )
+        if cursor.rowcount != len(batch):
+            return False
+        await conn.executemany(
+            _INSERT_STEP, [(r.thread_id, r.expected_version + 1, r.step) for r in batch]
+        )
+        fulls = [(r.thread_id, r.expected_version + 1, r.full) for r in batch if r.full is not None]
+        if fulls:
+            await conn.executemany(_INSERT_FULL, fulls)
+            await conn.executemany(_DROP_OLD_FULLS, [(tid, v) for tid, v, _ in fulls])
+        return True
+
+    async def _in_savepoint(
+        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest], now: float
+    ) -> BaseException | None:
+        """:meth:`_apply`, all or nothing: None once applied, else why it was not."""
+        await conn.execute("SAVEPOINT requests")
+        failure: BaseException | None = None
+        try:
+            if not await self._apply(conn, batch, now):
+                failure = ConflictError("a head moved")  # _explain says which and where
+        except _REQUEST_ERRORS as exc:
+            failure = exc
+        if failure is not None:
+            await conn.execute("ROLLBACK TO requests")
+        await conn.execute("RELEASE requests")
+        return failure
+
+    async def _explain(
+        self, conn: aiosqlite.Connection, r: CommitRequest, failure: BaseException
+    ) -> PersistenceError:
+        """The error of a request that failed in its own savepoint with ``failure``."""
+        rows = list(await conn.execute_fetchall(_HEAD_AND_LAST, (r.thread_id,)))
+        version, epoch, last = rows[0]
+        try:
+            check_records(r.thread_id, version, last or 0)
+            check_head(r.thread_id, version, epoch or 0, r.expected_version, r.epoch)
+        except PersistenceError as exc:
+            return exc
+        error: PersistenceError
+        if isinstance(failure, sqlite3.IntegrityError):
+            # The stored records refuse this step although the head admits it.
+            error = SnapshotCorruptError(
+                f"thread {r.thread_id!r}: step {r.expected_version + 1} violates"
+                f" a constraint of {self._db.path!r}: {failure}"
+            )
+        else:
+            error = StoreUnavailableError(
+                f"{self._db.path!r} cannot store step {r.expected_version + 1}"
+                f" of thread {r.thread_id!r}: {failure}"
+            )
+        error.__cause__ = failure
+        return error
 
     async def _acquire_batch(
         self, conn: aiosqlite.Connection, thread_ids: Sequence[str], now: float
@@ -325,15 +417,20 @@ class SqliteSnapshotStore(Reentrant):
     async def _decide(
         self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest]
     ) -> list[BaseException | None]:
+        """Each request's fate against the stored heads and records, in batch order."""
+        last_steps: dict[str, tuple[int | None, int]] = {}
         heads: dict[str, tuple[int, int]] = {}
         for thread_id in dict.fromkeys(r.thread_id for r in batch):
-            rows = list(await conn.execute_fetchall(_HEAD, (thread_id,)))
-            if rows:
-                heads[thread_id] = (int(rows[0][0]), int(rows[0][1]))
+            rows = list(await conn.execute_fetchall(_HEAD_AND_LAST, (thread_id,)))
+            version, epoch, last = rows[0]
+            last_steps[thread_id] = (version, last or 0)
+            if version is not None:
+                heads[thread_id] = (int(version), int(epoch))
         results: list[BaseException | None] = []
         for r in batch:
             head = heads.get(r.thread_id)
             try:
+                check_records(r.thread_id, *last_steps[r.thread_id])
                 check_head(
                     r.thread_id,
                     None if head is None else head[0],
@@ -348,21 +445,3 @@ class SqliteSnapshotStore(Reentrant):
             heads[r.thread_id] = (head[0] + 1, head[1])
             results.append(None)
         return results
-
-    async def _insert_records(
-        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest]
-    ) -> None:
-        await conn.executemany(
-            _INSERT_STEP, [(r.thread_id, r.expected_version + 1, r.step) for r in batch]
-        )
-        fulls = [(r.thread_id, r.expected_version + 1, r.full) for r in batch if r.full is not None]
-        if fulls:
-            await conn.executemany(_INSERT_FULL, fulls)
-            await conn.executemany(_DROP_OLD_FULLS, [(tid, v) for tid, v, _ in fulls])
-
-
-def _check_fence(thread_id: str, stored_epoch: int, epoch: int) -> None:
-    if stored_epoch > epoch:
-        raise FencedError(
-            f"thread {thread_id!r} is owned by epoch {stored_epoch}; this writer holds {epoch}"
-        )

@@ -7,6 +7,10 @@ every write runs, serialized, and a second, read-only connection for reads
 SQL; the database creates them and a ``<meta_table>(key, value)`` table whose
 ``schema_version`` row a newer threadline may have raised (then the file is
 refused). Stores with distinct tables may share a file.
+
+SQLite failures become the store's errors: a damaged file ("database disk
+image is malformed", "file is not a database") is the store's corruption
+error, which retrying cannot cure; anything else is ``StoreUnavailableError``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ _SYNCHRONOUS: Final[dict[str, str]] = {
 
 _CLOSE_TIMEOUT: Final = 10.0
 
+# SQLite's primary result codes for a damaged file.
+_DAMAGED: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
 R = TypeVar("R")
 
 
@@ -43,7 +50,8 @@ class SqliteDatabase:
     ``store`` and ``memory_store`` name the owning store and its in-memory
     alternative in the errors about a bad ``path``. ``schema`` holds the
     store's ``CREATE ... IF NOT EXISTS`` statements; ``schema_name`` is how
-    errors name its version (``"schema"``, ``"store schema"``).
+    errors name its version (``"schema"``, ``"store schema"``). ``corrupt`` is
+    the error a damaged file raises (``SnapshotCorruptError``, ``ItemCorruptError``).
     """
 
     def __init__(
@@ -58,6 +66,7 @@ class SqliteDatabase:
         meta_table: str,
         schema_version: int,
         schema_name: str,
+        corrupt: type[PersistenceError],
     ) -> None:
         self.path = os.fspath(path)
         if self.path in ("", ":memory:") or self.path.startswith("file:"):
@@ -79,6 +88,7 @@ class SqliteDatabase:
         self._meta_table = meta_table
         self._schema_version = schema_version
         self._schema_name = schema_name
+        self._corrupt = corrupt
         self.writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = anyio.Lock()
@@ -88,7 +98,8 @@ class SqliteDatabase:
     async def open(self) -> None:
         """Create the file (mode 0600) and the schema, and open both connections.
 
-        Raises ``StoreUnavailableError`` if the file cannot be opened and
+        Raises ``StoreUnavailableError`` if the file cannot be opened, the
+        store's corruption error if it is damaged (or no database at all) and
         ``SnapshotFormatError`` if a newer threadline wrote its schema; on any
         failure nothing stays open.
         """
@@ -97,8 +108,10 @@ class SqliteDatabase:
             writer = await aiosqlite.connect(
                 self.path, isolation_level=None, timeout=self._busy_timeout
             )
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise StoreUnavailableError(f"cannot open {self.path!r}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise self.failure(f"cannot open {self.path!r}", exc) from exc
         self.writer = writer
         try:
             await self._setup_writer(writer)
@@ -109,7 +122,7 @@ class SqliteDatabase:
             await reader.execute("PRAGMA query_only=ON")
         except (OSError, sqlite3.Error, ValueError) as exc:
             await self.close()
-            raise StoreUnavailableError(f"cannot open {self.path!r}: {exc}") from exc
+            raise self.failure(f"cannot open {self.path!r}", exc) from exc
         except BaseException:
             await self.close()
             raise
@@ -154,16 +167,29 @@ class SqliteDatabase:
 
     # -- reads and writes --------------------------------------------------
 
+    def failure(self, what: str, exc: BaseException) -> PersistenceError:
+        """The store's error for an operation (``what``) that failed with ``exc``.
+
+        A damaged file is the store's corruption error: retrying cannot cure
+        it. Anything else is ``StoreUnavailableError``.
+        """
+        if getattr(exc, "sqlite_errorcode", -1) & 0xFF in _DAMAGED:
+            return self._corrupt(
+                f"{what}: the file is damaged ({exc}); restore it from a backup"
+                " (or salvage what is left with the sqlite3 shell's .recover)"
+            )
+        return StoreUnavailableError(f"{what}: {exc}")
+
     @contextlib.contextmanager
     def reading(self) -> Iterator[aiosqlite.Connection]:
-        """The reader connection; a SQLite failure in the block is ``StoreUnavailableError``."""
+        """The reader connection; a SQLite failure in the block is mapped by :meth:`failure`."""
         conn = self._reader
         if conn is None:
             raise StoreUnavailableError("store is closed")
         try:
             yield conn
         except (sqlite3.Error, ValueError) as exc:
-            raise StoreUnavailableError(f"read from {self.path!r} failed: {exc}") from exc
+            raise self.failure(f"read from {self.path!r} failed", exc) from exc
 
     async def read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         with self.reading() as conn:
@@ -185,7 +211,7 @@ class SqliteDatabase:
                 except PersistenceError:
                     raise
                 except (sqlite3.Error, ValueError) as exc:
-                    raise StoreUnavailableError(f"write to {self.path!r} failed: {exc}") from exc
+                    raise self.failure(f"write to {self.path!r} failed", exc) from exc
         return result
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import socket
 import sqlite3
-import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -34,15 +32,10 @@ TTL = 0.3
 AFTER_TTL = 0.6
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
-    ids=["memory", "sqlite", "redis"],
-)
-def kind(request: pytest.FixtureRequest) -> str:
-    kind = str(request.param)
-    if kind == "redis":
-        request.getfixturevalue("redis_server")  # start it, or skip before the test
-    return kind
+@pytest.fixture
+def kind(store_kind: str) -> str:
+    """memory, sqlite, redis: conftest's ``store_kind`` (which starts redis-server or skips)."""
+    return store_kind
 
 
 @pytest.fixture
@@ -755,13 +748,6 @@ async def test_concurrent_puts(store: Store) -> None:
     assert await store.list_namespaces(prefix=("c",)) == [("c", f"g{i}") for i in range(5)]
 
 
-async def test_sqlite_file_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "private.db"
-    async with SqliteStore(path) as store:
-        await store.put(("n",), "k", {})
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-
-
 async def test_sqlite_uses_a_range_not_like(tmp_path: Path) -> None:
     path = tmp_path / "plan.db"
     async with SqliteStore(path) as store:
@@ -788,12 +774,6 @@ async def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute("UPDATE store_meta SET value = 99 WHERE key = 'schema_version'")
     with pytest.raises(SnapshotFormatError):
         async with SqliteStore(path):
-            pass
-
-
-async def test_sqlite_unopenable_path(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailableError):
-        async with SqliteStore(tmp_path / "missing-dir" / "x.db"):
             pass
 
 

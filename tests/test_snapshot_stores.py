@@ -8,9 +8,7 @@ file / server / key prefix (the memory store can only share its instance).
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -495,22 +493,6 @@ async def test_commit_after_close_is_refused(store_kind: str, open_store: OpenSt
 # -- sqlite specifics ------------------------------------------------------------------
 
 
-async def test_sqlite_file_is_private(tmp_path: Path) -> None:
-    path = tmp_path / "private.db"
-    old_umask = os.umask(0)  # even with a permissive umask
-    try:
-        async with SqliteSnapshotStore(path) as store:
-            epoch = await store.acquire("t")
-            await store.commit(req("t", 0, epoch))
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600
-            for suffix in ("-wal", "-shm"):
-                side = path.with_name(path.name + suffix)
-                assert side.exists()
-                assert stat.S_IMODE(side.stat().st_mode) == 0o600
-    finally:
-        os.umask(old_umask)
-
-
 async def test_sqlite_rejects_bad_options(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         SqliteSnapshotStore(":memory:")
@@ -518,16 +500,6 @@ async def test_sqlite_rejects_bad_options(tmp_path: Path) -> None:
         SqliteSnapshotStore(tmp_path / "x.db", synchronous="SOMETIMES")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         SqliteSnapshotStore(tmp_path / "x.db", max_batch=0)
-
-
-async def test_sqlite_unopenable_file_is_store_unavailable(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailableError):
-        async with SqliteSnapshotStore(tmp_path / "missing-dir" / "x.db"):
-            pass
-    (tmp_path / "garbage.db").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StoreUnavailableError):
-        async with SqliteSnapshotStore(tmp_path / "garbage.db"):
-            pass
 
 
 async def test_sqlite_synchronous_setting_is_applied(tmp_path: Path) -> None:
