@@ -1,5 +1,6 @@
 """What runs threads: the actor system, agents, middleware, models and tools."""
 
+from threadline.actors import InvalidToolError as InvalidToolError
 from threadline.actors import ModelCallLimitExceededError as ModelCallLimitExceededError
 from threadline.actors import ModelConnectionError as ModelConnectionError
 from threadline.actors import ModelError as ModelError
@@ -60,6 +61,7 @@ __all__ = (
     "ChatModel",
     "ContextEditingMiddleware",
     "DEFAULT_SUMMARY_PROMPT",
+    "InvalidToolError",
     "LangChainChatModel",
     "MessageChunk",
     "ModelCallLimitExceededError",
