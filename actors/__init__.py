@@ -8,6 +8,7 @@ from ._errors import InvalidContextError as InvalidContextError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import InvalidMessageError as InvalidMessageError
 from ._errors import InvalidThreadIdError as InvalidThreadIdError
+from ._errors import InvalidToolError as InvalidToolError
 from ._errors import InvalidUpdateError as InvalidUpdateError
 from ._errors import ItemCorruptError as ItemCorruptError
 from ._errors import MailboxFullError as MailboxFullError
@@ -61,6 +62,7 @@ __all__ = (
     "InvalidInputError",
     "InvalidMessageError",
     "InvalidThreadIdError",
+    "InvalidToolError",
     "InvalidUpdateError",
     "ItemCorruptError",
     "MailboxFullError",

@@ -29,6 +29,7 @@ from ._errors import (
     ThreadlineError,
     TurnFailedError,
 )
+from ._logging import get_logger
 from ._mailbox import Mailbox, MailboxStatistics
 from ._messages import AIMessage, AnyMessage
 from ._records import Recovered, TurnCursor
@@ -187,7 +188,7 @@ class ActorContext(Generic[S]):
         # Resolved now (when the application has configured structlog), not at
         # every call: an unresolved proxy re-binds on each log call, which
         # costs more than the commit it reports.
-        self.log: Any = structlog.get_logger("threadline").bind()
+        self.log: Any = get_logger()
 
     def tick(self) -> float:
         self.clock = time.monotonic()

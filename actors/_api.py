@@ -20,6 +20,7 @@ from ._actor import stream_modes as stream_modes
 from ._envelope import Envelope as Envelope
 from ._envelope import Reply as Reply
 from ._errors import limits_text as limits_text
+from ._logging import get_logger as get_logger
 from ._mailbox import MailboxStatistics as MailboxStatistics
 from ._messages import new_id as new_id
 from ._records import FullRecord as FullRecord
@@ -49,6 +50,7 @@ __all__ = (
     "ThreadSnapshot",
     "TurnCursor",
     "TurnResult",
+    "get_logger",
     "initial_state",
     "limits_text",
     "merge_updates",

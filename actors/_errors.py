@@ -9,6 +9,7 @@
     │   ├── MessageTooLargeError     bigger than the system's max_message_bytes
     │   ├── InvalidUpdateError       unknown state key, wrong type, RemoveMessage of an unknown id
     │   └── InvalidContextError      context that does not match the agent's context_schema
+    ├── InvalidToolError             a function that cannot become a tool (also a TypeError)
     ├── MailboxFullError             tell_nowait on a full mailbox
     ├── SystemClosedError            the ActorSystem is not running (or is shutting down)
     ├── TurnFailedError              a model, tool-chain or hook failed; the turn was aborted
@@ -66,6 +67,12 @@ class InvalidUpdateError(InvalidInputError):
 
 class InvalidContextError(InvalidInputError):
     """A runtime context that does not fit the agent's ``context_schema``."""
+
+
+class InvalidToolError(ThreadlineError, TypeError):
+    """A function that cannot be made a tool: an annotation that cannot be
+    resolved, a type with no JSON schema, ``*args``/``**kwargs``. The message
+    names the tool and the parameter."""
 
 
 class MailboxFullError(ThreadlineError):

@@ -1,5 +1,6 @@
 """What runs threads: the actor system, agents, middleware, models and tools."""
 
+from threadline.actors import InvalidToolError as InvalidToolError
 from threadline.actors import ModelCallLimitExceededError as ModelCallLimitExceededError
 from threadline.actors import ModelConnectionError as ModelConnectionError
 from threadline.actors import ModelError as ModelError
@@ -64,6 +65,7 @@ __all__ = (
     "ContextEditingMiddleware",
     "DEFAULT_SUMMARY_PROMPT",
     "Input",
+    "InvalidToolError",
     "LangChainChatModel",
     "LocalClient",
     "MessageChunk",

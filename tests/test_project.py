@@ -48,6 +48,7 @@ EXPECTED_FACE = (
     "InvalidInputError",
     "InvalidMessageError",
     "InvalidThreadIdError",
+    "InvalidToolError",
     "InvalidUpdateError",
     "ItemCorruptError",
     "LocalClient",

@@ -29,6 +29,7 @@ from threadline.actors import InvalidContextError as InvalidContextError
 from threadline.actors import InvalidInputError as InvalidInputError
 from threadline.actors import InvalidMessageError as InvalidMessageError
 from threadline.actors import InvalidThreadIdError as InvalidThreadIdError
+from threadline.actors import InvalidToolError as InvalidToolError
 from threadline.actors import InvalidUpdateError as InvalidUpdateError
 from threadline.actors import ItemCorruptError as ItemCorruptError
 from threadline.actors import MailboxFullError as MailboxFullError
@@ -113,6 +114,7 @@ __all__ = (
     "InvalidInputError",
     "InvalidMessageError",
     "InvalidThreadIdError",
+    "InvalidToolError",
     "InvalidUpdateError",
     "ItemCorruptError",
     "LocalClient",

@@ -1,4 +1,9 @@
-"""``threadline`` command line: chat with a thread, inspect it, list threads."""
+"""The ``threadline`` command: chat with a thread, inspect it, list threads.
+
+Exit codes: 0 done, 1 a runtime failure (a store or a model failed, no such
+thread), 2 a usage error (reported like argparse's own, ``threadline: error:
+...``), 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,158 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn, TextIO
 
 import anyio
-import anyio.to_thread
-import msgspec
-import structlog
+import httpx
+from anyio.from_thread import BlockingPortal
 
-from threadline.actors import AIMessage, ThreadlineError, ThreadNotFoundError, ToolMessage
+from threadline.actors import (
+    AIMessage,
+    AnyMessage,
+    InvalidInputError,
+    ModelError,
+    ThreadlineError,
+    ThreadNotFoundError,
+    ToolCall,
+    ToolMessage,
+    TurnFailedError,
+)
 
+from .._door import check_thread_id
 from .._system import ActorSystem
 from ..agent import Agent
-from ..models import ChatModel, demo_model, word_count
+from ..models import ChatModel, OpenAIChatModel, demo_model, word_count
 
 DEFAULT_DB = "threadline.db"
+USAGE_ERROR = 2  # argparse's own code for a bad command line
+FAILURE = 1
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+MAX_THREAD_ID = 256
+
+DESCRIPTION = (
+    "Chat with a durable conversation thread, inspect its state and step history, "
+    "list the threads of a database. Threads live in SQLite (the default, a file) "
+    "or Redis and continue where they left off."
+)
+EPILOG = f"""examples:
+  threadline chat --thread demo              offline demo model, ./{DEFAULT_DB}
+  threadline chat --thread t --model openai:gpt-4o-mini
+  threadline chat --thread t --model openai:llama3 --base-url http://localhost:11434/v1
+  threadline inspect demo
+  threadline threads --db redis://localhost:6379/0
+
+Logs: -v shows threadline's info logs on stderr, -vv its debug logs."""
+DB_HELP = f"a SQLite path or a redis:// URL (default: ./{DEFAULT_DB})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; every usage error reads ``threadline: error: ...`` (a
+    sub-command's too, after that sub-command's usage line) and exits 2."""
+
+    commands: dict[str, _Parser]
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"threadline: error: {message}\n")
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing: reported like argparse's errors (exit 2)."""
+
+
+class Failure(Exception):
+    """A runtime failure with a message for the user (exit 1)."""
+
+
+def _version() -> str:
+    try:
+        return version("threadline")
+    except PackageNotFoundError:  # pragma: no cover - a tree that is not installed
+        return "0.0.0+unknown"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def format_calls(calls: Sequence[ToolCall]) -> str:
+    """``word_count(text='a b'), other()``: tool calls as Python calls."""
+    return ", ".join(
+        f"{c.name}({', '.join(f'{key}={value!r}' for key, value in c.args.items())})" for c in calls
+    )
+
+
+def format_message(message: AnyMessage) -> str:
+    """A message's text; an AI message's tool calls as ``[calls f(x=1)]``."""
+    if isinstance(message, AIMessage) and message.tool_calls:
+        calls = f"[calls {format_calls(message.tool_calls)}]"
+        return f"{message.content} {calls}" if message.content else calls
+    return message.content
+
+
+def describe(exc: ThreadlineError) -> str:
+    """What went wrong, once: a failed model call without the turn bookkeeping."""
+    if isinstance(exc, TurnFailedError) and isinstance(exc.__cause__, ModelError):
+        return f"the model failed: {exc.__cause__}"
+    return str(exc)
+
+
+# -- chat ----------------------------------------------------------------------------
 
 
 def _model(spec: str | None, base_url: str | None) -> ChatModel:
     if spec is None:
+        if base_url is not None:
+            raise UsageError("--base-url needs --model openai:MODEL_NAME")
         return demo_model()
     provider, _, name = spec.partition(":")
     if provider != "openai" or not name:
-        raise SystemExit(f"--model must look like openai:MODEL_NAME, got {spec!r}")
+        raise UsageError(f"--model must look like openai:MODEL_NAME, got {spec!r}")
     try:
-        from ..models import OpenAIChatModel
-    except ImportError as exc:
-        raise SystemExit(f"the OpenAI model is not available: {exc}") from exc
-    return OpenAIChatModel(name, base_url=base_url)
+        model = OpenAIChatModel(name, base_url=base_url)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if model.api_key is None and httpx.URL(model.base_url).host == "api.openai.com":
+        raise UsageError(
+            f"OPENAI_API_KEY is not set; {model.base_url} needs it "
+            "(or use --base-url for another OpenAI-compatible server)"
+        )
+    return model
+
+
+async def _readline(stdin: TextIO) -> str:
+    """A line of input, read on a daemon thread.
+
+    Ctrl-C cancels the wait at once; the thread, blocked in ``readline``,
+    is abandoned (a worker thread would keep the process alive until the
+    next line arrived).
+    """
+    got: list[str | BaseException] = []
+    async with BlockingPortal() as portal:
+        done = anyio.Event()
+
+        def read() -> None:
+            try:
+                got.append(stdin.readline())
+            except BaseException as exc:
+                got.append(exc)
+            with contextlib.suppress(RuntimeError):  # the chat is over
+                portal.call(done.set)
+
+        threading.Thread(target=read, name="threadline stdin", daemon=True).start()
+        await done.wait()
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
 
 
 async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    # The command line is checked before anything is opened (or created).
+    check_thread_id(args.thread, MAX_THREAD_ID)
     model = _model(args.model, args.base_url)
     agent: Agent[Any] = Agent(
         model=model, tools=[word_count], system_prompt="You are a helpful assistant."
@@ -46,20 +172,22 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
         aclose = getattr(model, "aclose", None)
         if aclose is not None:
             stack.push_async_callback(aclose)  # the HTTP client of a real model
-        system = await stack.enter_async_context(ActorSystem(agent, snapshots=args.db))
+        system = await stack.enter_async_context(
+            ActorSystem(agent, snapshots=args.db, max_thread_id_length=MAX_THREAD_ID)
+        )
         try:
-            state = await system.get_state(args.thread)
+            snapshot = await system.get_state(args.thread)
             print(
-                f"(thread {args.thread!r} continues: {len(state.state.messages)} messages, "
-                f"version {state.version})",
+                f"(thread {args.thread!r} continues: "
+                f"{plural(len(snapshot.state.messages), 'message')}, version {snapshot.version})",
                 file=stdout,
             )
         except ThreadNotFoundError:
             print(f"(new thread {args.thread!r} in {args.db})", file=stdout)
-        print("Type a message; /quit or end of input to leave.", file=stdout)
+        print("Type a message; /quit, end of input or Ctrl-C to leave.", file=stdout)
         while True:
             print("you> ", end="", file=stdout, flush=True)
-            line = await anyio.to_thread.run_sync(stdin.readline)
+            line = await _readline(stdin)
             if not line or line.strip() in ("/quit", "/exit"):
                 print("", file=stdout)
                 return 0
@@ -67,11 +195,32 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
             if not text:
                 continue
             try:
-                result = await system.ask(args.thread, text)
+                async for part in system.stream(args.thread, text, mode="updates"):
+                    for message in _ai_messages(part.data):
+                        print(f"ai> {format_message(message)}", file=stdout, flush=True)
             except ThreadlineError as exc:
-                print(f"error: {exc}", file=stdout)
-                continue
-            print(f"ai> {result.text}", file=stdout, flush=True)
+                print(f"error: {describe(exc)}", file=sys.stderr, flush=True)
+
+
+def _ai_messages(data: dict[str, list[dict[str, Any]]]) -> list[AIMessage]:
+    return [
+        message
+        for updates in data.values()
+        for update in updates
+        for message in update.get("messages", ())
+        if isinstance(message, AIMessage)
+    ]
+
+
+# -- inspect, threads ----------------------------------------------------------------
+
+
+def _require_database(db: str) -> None:
+    """A typo must not look like an empty database: SQLite would create the file."""
+    if db.startswith(("redis://", "rediss://", "unix://")) or db in ("memory://", ":memory:"):
+        return
+    if not os.path.exists(db.removeprefix("sqlite://")):
+        raise UsageError(f"no such database: {db}")
 
 
 def _format_update(update: dict[str, Any]) -> str:
@@ -80,10 +229,7 @@ def _format_update(update: dict[str, Any]) -> str:
         if key == "messages":
             for m in value:
                 if isinstance(m, AIMessage) and m.tool_calls:
-                    calls = ", ".join(
-                        f"{c.name}({msgspec.json.encode(c.args).decode()})" for c in m.tool_calls
-                    )
-                    parts.append(f"{m.type}: calls {calls}")
+                    parts.append(f"{m.type}: calls {format_calls(m.tool_calls)}")
                 elif isinstance(m, ToolMessage):
                     parts.append(f"tool[{m.tool_call_id}]: {m.content[:60]!r}")
                 else:
@@ -93,23 +239,24 @@ def _format_update(update: dict[str, Any]) -> str:
     return "; ".join(parts) or "(no change)"
 
 
-async def _inspect(args: argparse.Namespace, stdout: TextIO) -> int:
+async def _inspect(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    _require_database(args.db)
     agent: Agent[Any] = Agent(model=demo_model(), tools=[word_count])
     async with ActorSystem(agent, snapshots=args.db) as system:
         try:
             snapshot = await system.get_state(args.thread)
         except ThreadNotFoundError:
-            print(f"no thread {args.thread!r} in {args.db}", file=stdout)
-            return 1
+            raise Failure(f"no thread {args.thread!r} in {args.db}") from None
+        messages = snapshot.state.messages
         print(
             f"thread {args.thread!r}: version {snapshot.version}, "
-            f"{len(snapshot.state.messages)} messages"
+            f"{plural(len(messages), 'message')}"
             + (f", unfinished turn (next step: {snapshot.next})" if snapshot.next else ""),
             file=stdout,
         )
         print("\nstate:", file=stdout)
-        for message in snapshot.state.messages:
-            print(f"  [{message.type}] {message.content}", file=stdout)
+        for message in messages:
+            print(f"  [{message.type}] {format_message(message)}", file=stdout)
         print("\nsteps:", file=stdout)
         for step in await system.history(args.thread):
             note = f"  error: {step.error}" if step.error else ""
@@ -121,7 +268,8 @@ async def _inspect(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
-async def _threads(args: argparse.Namespace, stdout: TextIO) -> int:
+async def _threads(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    _require_database(args.db)
     agent: Agent[Any] = Agent(model=demo_model())
     async with ActorSystem(agent, snapshots=args.db) as system:
         for thread_id in await system.threads():
@@ -129,38 +277,104 @@ async def _threads(args: argparse.Namespace, stdout: TextIO) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="threadline", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    chat = sub.add_parser("chat", help="hold a conversation with a thread")
-    chat.add_argument("--thread", required=True, help="thread id")
-    chat.add_argument("--db", default=DEFAULT_DB, help=f"SQLite file (default ./{DEFAULT_DB})")
-    chat.add_argument("--model", default=None, help="openai:MODEL (default: offline demo model)")
-    chat.add_argument("--base-url", default=None, help="OpenAI-compatible server URL")
-    inspect = sub.add_parser("inspect", help="print a thread's state and step history")
-    inspect.add_argument("thread", help="thread id")
-    inspect.add_argument("--db", default=DEFAULT_DB)
-    threads = sub.add_parser("threads", help="list the threads in a database")
-    threads.add_argument("--db", default=DEFAULT_DB)
+_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[int]]] = {
+    "chat": _chat,
+    "inspect": _inspect,
+    "threads": _threads,
+}
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="threadline",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"threadline {_version()}")
+    common = _Parser(add_help=False)
+    common.add_argument("--db", default=DEFAULT_DB, metavar="PATH_OR_URL", help=DB_HELP)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show threadline's logs on stderr (-v info, -vv debug)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="hold a conversation with a thread",
+        description="Hold a conversation with a thread; it continues where it left off.",
+    )
+    chat.add_argument("--thread", required=True, metavar="ID", help="the thread id")
+    chat.add_argument(
+        "--model",
+        default=None,
+        metavar="openai:NAME",
+        help="an OpenAI-compatible chat model (default: an offline demo model); "
+        "needs OPENAI_API_KEY unless --base-url points elsewhere",
+    )
+    chat.add_argument(
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="the OpenAI-compatible server (default: $OPENAI_BASE_URL or OpenAI's)",
+    )
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="print a thread's state and step history",
+        description="Print a thread's committed state and every step of its history.",
+    )
+    inspect.add_argument("thread", metavar="ID", help="the thread id")
+    threads = sub.add_parser(
+        "threads",
+        parents=[common],
+        help="list the threads in a database",
+        description="List the threads in a database, one id a line.",
+    )
+    parser.commands = {"chat": chat, "inspect": inspect, "threads": threads}
     return parser
 
 
+def _configure_logging(verbose: int) -> None:
+    """The command is an application: it decides what of threadline's logs shows.
+
+    Without ``-v`` only errors show: the failures a user must see (a model
+    that fails, a store that fails) are reported once, as error lines.
+    """
+    logger = logging.getLogger("threadline")
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # This is the application, not the library: keep the library's info/debug
-    # logs off the conversation.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
     try:
-        if args.command == "chat":
-            return anyio.run(_chat, args, sys.stdin, sys.stdout)
-        if args.command == "inspect":
-            return anyio.run(_inspect, args, sys.stdout)
-        return anyio.run(_threads, args, sys.stdout)
-    except ThreadlineError as exc:
-        print(f"threadline: {exc}", file=sys.stderr)
-        return 2
+        return anyio.run(_COMMANDS[args.command], args, sys.stdin, sys.stdout)
+    except (UsageError, InvalidInputError) as exc:  # InvalidInputError: a bad thread id
+        parser.commands[args.command].error(str(exc))
+    except (Failure, ThreadlineError) as exc:
+        message = describe(exc) if isinstance(exc, ThreadlineError) else str(exc)
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return FAILURE
     except KeyboardInterrupt:
-        return 130
+        with contextlib.suppress(OSError, ValueError):
+            print(file=sys.stdout, flush=True)  # the shell prompt starts on a new line
+        return INTERRUPTED
     except BrokenPipeError:
         # The reader went away (``threadline inspect ID | head``): not an error.
         # Point stdout at devnull so the interpreter's final flush stays quiet.
