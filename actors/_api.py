@@ -19,7 +19,10 @@ from ._actor import TurnResult as TurnResult
 from ._actor import stream_modes as stream_modes
 from ._errors import limits_text as limits_text
 from ._mailbox import MailboxStatistics as MailboxStatistics
+from ._messages import check_message as check_message
 from ._messages import new_id as new_id
+from ._nesting import MAX_NESTING as MAX_NESTING
+from ._nesting import too_deep as too_deep
 from ._records import FullRecord as FullRecord
 from ._records import Recovered as Recovered
 from ._records import StepInfo as StepInfo
@@ -33,6 +36,7 @@ __all__ = (
     "ActorContext",
     "Behavior",
     "Emit",
+    "MAX_NESTING",
     "Envelope",
     "FullRecord",
     "MailboxStatistics",
@@ -45,10 +49,12 @@ __all__ = (
     "ThreadSnapshot",
     "TurnCursor",
     "TurnResult",
+    "check_message",
     "initial_state",
     "limits_text",
     "merge_updates",
     "new_id",
     "schema_info",
     "stream_modes",
+    "too_deep",
 )
