@@ -348,6 +348,24 @@ _STORED = msgspec.msgpack.Decoder(list[MessageLike])
         (AIMessage("x", response_metadata={"x": _nest(100_000)}), "'response_metadata' nests"),
         (HumanMessage("x", name=unchecked(_nest(100_000))), "nests deeper"),
     ],
+    ids=[
+        "id-int",
+        "name-int",
+        "tool-call-id-none",
+        "status-unknown",
+        "tool-calls-junk",
+        "tool-call-name-none",
+        "usage-str",
+        "metadata-int-key",
+        "args-object",
+        "dict-args-int-key",
+        "surrogate",
+        "remove-id-int",
+        "args-nest-65",
+        "args-nest-100k",
+        "metadata-nest-100k",
+        "name-nest-100k",
+    ],
 )
 def test_messages_that_could_not_be_read_back_are_refused(bad: Any, needle: str) -> None:
     with pytest.raises(InvalidMessageError, match=needle):
@@ -410,6 +428,16 @@ class Rich(AgentState):
         ({"anything": _nest(100_000)}, "'anything' nests deeper than 64 levels"),
         ({"tags": {"a": True}}, "'tags'"),
         ({"tags": {1: 1}}, "'tags'"),
+    ],
+    ids=[
+        "struct-inner-type",
+        "object",
+        "surrogate",
+        "int-2**64",
+        "nest-65",
+        "nest-100k",
+        "bool-for-int",
+        "int-key",
     ],
 )
 def test_state_values_that_could_not_be_read_back_are_refused(
