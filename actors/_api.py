@@ -22,7 +22,10 @@ from ._envelope import Reply as Reply
 from ._errors import limits_text as limits_text
 from ._logging import get_logger as get_logger
 from ._mailbox import MailboxStatistics as MailboxStatistics
+from ._messages import check_message as check_message
 from ._messages import new_id as new_id
+from ._nesting import MAX_NESTING as MAX_NESTING
+from ._nesting import too_deep as too_deep
 from ._records import FullRecord as FullRecord
 from ._records import Recovered as Recovered
 from ._records import StepInfo as StepInfo
@@ -37,6 +40,7 @@ __all__ = (
     "Acknowledge",
     "Behavior",
     "Emit",
+    "MAX_NESTING",
     "Envelope",
     "FullRecord",
     "MailboxStatistics",
@@ -50,6 +54,7 @@ __all__ = (
     "ThreadSnapshot",
     "TurnCursor",
     "TurnResult",
+    "check_message",
     "get_logger",
     "initial_state",
     "limits_text",
@@ -57,4 +62,5 @@ __all__ = (
     "new_id",
     "schema_info",
     "stream_modes",
+    "too_deep",
 )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias, cast
 
 import msgspec
 
 from ._errors import InvalidMessageError
+from ._nesting import MAX_NESTING, too_deep
 
 REMOVE_ALL_MESSAGES: Final = "__remove_all__"
 """``RemoveMessage(id=REMOVE_ALL_MESSAGES)`` drops every message before it."""
@@ -188,10 +190,31 @@ def _content_text(content: Any) -> str:
     raise InvalidMessageError(f"'content' must be a string, got {type(content).__name__}")
 
 
+_DICT_KEYS: Final = frozenset(
+    {"role", "type", "content", "id", "name", "tool_calls", "tool_call_id", "status"}
+)
+# Keys of an OpenAI response message (``choice.message.model_dump()``) that
+# threadline has no field for: accepted while empty, refused when they carry
+# something that would otherwise be dropped without a word.
+_EMPTY_KEYS: Final = frozenset({"refusal", "annotations", "audio", "function_call"})
+
+
+def _check_keys(data: Mapping[str, Any]) -> None:
+    for key in data:
+        if key in _DICT_KEYS or (key in _EMPTY_KEYS and not data[key]):
+            continue
+        if key in _EMPTY_KEYS:
+            raise InvalidMessageError(f"a message dict with {key!r} is not supported")
+        raise InvalidMessageError(
+            f"unknown key {key!r} in a message dict (known: {', '.join(sorted(_DICT_KEYS))})"
+        )
+
+
 def _from_dict(data: Mapping[str, Any]) -> MessageLike:
     role = data.get("role", data.get("type"))
     if not isinstance(role, str) or (role not in _ROLES and role != "remove"):
         raise InvalidMessageError(f"a message dict needs 'role' of {sorted(_ROLES)}, got {role!r}")
+    _check_keys(data)
     msg_id = data.get("id") or ""
     if not isinstance(msg_id, str):
         raise InvalidMessageError("'id' must be a string")
@@ -199,6 +222,9 @@ def _from_dict(data: Mapping[str, Any]) -> MessageLike:
         if not msg_id:
             raise InvalidMessageError("a remove message needs an 'id'")
         return RemoveMessage(id=msg_id)
+    # Only an assistant may say nothing (OpenAI: content is null beside tool calls).
+    if data.get("content") is None and _ROLES[role] is not AIMessage:
+        raise InvalidMessageError(f"a {role!r} message needs 'content'")
     content = _content_text(data.get("content"))
     name = data.get("name")
     if name is not None and not isinstance(name, str):
@@ -224,18 +250,99 @@ def coerce_message(value: object) -> MessageLike:
 
     The result keeps its id if it had one; ``ensure_id`` assigns one.
     """
+    message: MessageLike
     if isinstance(value, BaseMessage):
         if not isinstance(value.content, str):
             raise InvalidMessageError("message content must be a string")
-        return cast(MessageLike, value)
-    if isinstance(value, str):
-        return HumanMessage(value)
-    if isinstance(value, Mapping):
-        return _from_dict(value)
-    raise InvalidMessageError(
-        "a message must be a str, a dict with 'role' and 'content', or a message object; "
-        f"got {type(value).__name__}"
-    )
+        message = cast(MessageLike, value)
+    elif isinstance(value, str):
+        message = HumanMessage(value)
+    elif isinstance(value, Mapping):
+        message = _from_dict(value)
+    else:
+        raise InvalidMessageError(
+            "a message must be a str, a dict with 'role' and 'content', or a message object; "
+            f"got {type(value).__name__}"
+        )
+    check_message(message)
+    return message
+
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+# What the journal decodes a stored message as: a message is accepted only if
+# it reads back through this, so nothing accepted can brick its thread.
+_DECODER: Final = msgspec.msgpack.Decoder(MessageLike)
+_STATUSES: Final = ("success", "error")
+_AT: Final = re.compile(r"^(?P<what>.*) - at (?P<key>`key` in )?`\$\.?(?P<path>[^`]*)`$", re.DOTALL)
+
+
+def _plain(message: BaseMessage) -> bool:
+    """True for a message of one of our classes whose fields are all of their
+    declared types and hold nothing nested: the common case, whose check is
+    a type test per field (msgspec does not check types at construction)."""
+    if type(message.content) is not str or type(message.id) is not str:
+        return False
+    if message.name is not None and type(message.name) is not str:
+        return False
+    cls = type(message)
+    if cls is HumanMessage or cls is SystemMessage or cls is RemoveMessage:
+        return True
+    if cls is ToolMessage:
+        tool = cast(ToolMessage, message)
+        status: object = tool.status
+        return type(tool.tool_call_id) is str and type(status) is str and status in _STATUSES
+    if cls is AIMessage:
+        ai = cast(AIMessage, message)
+        return not ai.tool_calls and ai.usage is None and ai.response_metadata is None
+    return False
+
+
+def _nested_too_deep(message: BaseMessage) -> str | None:
+    """The field of an AI message that nests deeper than ``MAX_NESTING``, if any.
+
+    Only fields that hold ``Any`` can nest: a typed field decodes a wrong
+    nesting as a type error at its first level (and encoding something
+    deeper than the stack allows raises RecursionError, which is mapped).
+    """
+    if not isinstance(message, AIMessage):
+        return None
+    calls = message.tool_calls
+    for i, call in enumerate(calls if isinstance(calls, (list, tuple)) else ()):
+        if isinstance(call, ToolCall) and too_deep(call.args):
+            return f"tool_calls[{i}].args"
+    if too_deep(message.response_metadata):
+        return "response_metadata"
+    return None
+
+
+def check_message(message: BaseMessage) -> None:
+    """Raise ``InvalidMessageError`` unless ``message`` can be stored and read back.
+
+    The error names the field. Plain messages are type-checked field by field
+    and encoded (a str may hold a lone surrogate, which cannot be stored);
+    anything else is round-tripped through the journal's own decoder after a
+    nesting check (see ``MAX_NESTING``).
+    """
+    cls = type(message).__name__
+    plain = _plain(message)
+    if not plain and (field := _nested_too_deep(message)) is not None:
+        raise InvalidMessageError(f"{cls}: {field!r} nests deeper than {MAX_NESTING} levels")
+    try:
+        data = _ENCODER.encode(message)
+        if not plain:
+            _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        if match is None:
+            raise InvalidMessageError(f"{cls}: {exc}") from exc
+        where = f"a key of {match['path']!r}" if match["key"] else f"field {match['path']!r}"
+        raise InvalidMessageError(f"{cls}: {where}: {match['what']}") from exc
+    except RecursionError as exc:
+        raise InvalidMessageError(
+            f"{cls}: nests deeper than {MAX_NESTING} levels and cannot be stored"
+        ) from exc
+    except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMessageError(f"{cls} cannot be stored: {exc}") from exc
 
 
 def ensure_id(message: MessageLike) -> MessageLike:

@@ -16,6 +16,7 @@ from ._messages import (
     RemoveMessage,
     coerce_messages,
 )
+from ._nesting import MAX_NESTING, too_deep
 
 _MISSING: Any = object()
 
@@ -157,6 +158,40 @@ class _Schema:
             omit_defaults=True,
             module=__name__,
         )
+        # A field's value is accepted only if it reads back as the journal
+        # reads it (the patch and the full state decode fields by these types).
+        self.decoders = {
+            name: msgspec.msgpack.Decoder(f.type)
+            for name, f in self.fields.items()
+            if name != "messages"  # (messages are checked one by one: check_message)
+        }
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def _storable(info: _Schema, key: str, value: Any, source: str) -> Any:
+    """``value`` converted to the field's type, if it can be stored and read back.
+
+    ``msgspec.convert`` checks the shape but passes through what a field typed
+    ``Any`` (or a Struct instance) holds unchecked; the round trip through the
+    field's decoder catches the rest (unencodable objects, lone surrogates,
+    wrong types inside a Struct). Nesting is bounded first, without recursion.
+    """
+    if too_deep(value):
+        raise InvalidUpdateError(
+            f"{source}: state key {key!r} nests deeper than {MAX_NESTING} levels"
+        )
+    try:
+        converted = msgspec.convert(value, info.fields[key].type)
+        info.decoders[key].decode(_ENCODER.encode(converted))
+    except msgspec.ValidationError as exc:
+        raise InvalidUpdateError(f"{source}: state key {key!r}: {exc}") from exc
+    except RecursionError as exc:  # (not reached below MAX_NESTING; a last guard)
+        raise InvalidUpdateError(f"{source}: state key {key!r} nests too deep") from exc
+    except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidUpdateError(f"{source}: state key {key!r} cannot be stored: {exc}") from exc
+    return converted
 
 
 @functools.cache
@@ -194,10 +229,7 @@ def normalize_update(
             except Exception as exc:
                 raise InvalidUpdateError(f"{source}: 'messages': {exc}") from exc
             continue
-        try:
-            out[key] = msgspec.convert(value, field.type)
-        except msgspec.ValidationError as exc:
-            raise InvalidUpdateError(f"{source}: state key {key!r}: {exc}") from exc
+        out[key] = _storable(info, key, value, source)
     return out
 
 

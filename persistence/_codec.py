@@ -84,14 +84,28 @@ class Codec(Generic[S]):
         payload = unframe(data, STEP, what=what)
         try:
             return self._step_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
-            raise SnapshotCorruptError(f"{what}: cannot decode step record: {exc}") from exc
+        except _UNDECODABLE as exc:
+            raise SnapshotCorruptError(f"{what}: cannot decode step record: {_why(exc)}") from exc
 
     def decode_full(self, data: bytes, *, what: str) -> FullRecord[S]:
         payload = unframe(data, FULL, what=what)
         try:
             return self._full_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except _UNDECODABLE as exc:
             raise SnapshotCorruptError(
-                f"{what}: cannot decode the state as {self.schema.__name__}: {exc}"
+                f"{what}: cannot decode the state as {self.schema.__name__}: {_why(exc)}"
             ) from exc
+
+
+# What decoding stored bytes can raise besides DecodeError: RecursionError
+# for a record nested deeper than the stack allows (the door keeps
+# threadline's own records far shallower, so only crafted or damaged bytes get
+# there), and whatever a state class's own __post_init__ raises. Each means
+# this record cannot be read: a corrupt thread, not a crash of whoever asked.
+_UNDECODABLE: Final = (msgspec.DecodeError, RecursionError, TypeError, ValueError, OverflowError)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    return str(exc) if isinstance(exc, msgspec.DecodeError) else f"{type(exc).__name__}: {exc}"

@@ -16,6 +16,7 @@ from threadline.actors import (
     HumanMessage,
     InvalidMessageError,
     InvalidUpdateError,
+    MessageLike,
     RemoveMessage,
     SystemMessage,
     ToolCall,
@@ -296,3 +297,171 @@ def test_add_messages_on_long_histories_matches_the_reference(data: st.DataObjec
         ours = add_messages(ours, right)
         reference = _reference_add_messages(reference, right)
         assert ours == reference
+
+
+# -- nothing that cannot be read back gets in (issue 9, defects 2 and 3) ---------
+
+
+def _nest(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def unchecked(value: object) -> Any:
+    """``value``, hidden from the type checker (msgspec does not check field
+    types when a message is built, so callers can send these)."""
+    return value
+
+
+def _call(**args: Any) -> AIMessage:
+    return AIMessage("", tool_calls=[ToolCall(id="c1", name="f", args=args)])
+
+
+_STORED = msgspec.msgpack.Decoder(list[MessageLike])
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        (HumanMessage("hi", id=unchecked(123)), "field 'id': Expected `str`, got `int`"),
+        (SystemMessage("hi", name=unchecked(5)), "field 'name'"),
+        (ToolMessage("x", tool_call_id=unchecked(None)), "field 'tool_call_id'"),
+        (ToolMessage("x", tool_call_id="c", status=unchecked("meh")), "field 'status'"),
+        (AIMessage("x", tool_calls=unchecked(["junk"])), "field 'tool_calls\\[0\\]'"),
+        (
+            AIMessage("x", tool_calls=[ToolCall(id="c", name=unchecked(None))]),
+            "'tool_calls\\[0\\].name'",
+        ),
+        (AIMessage("x", usage=unchecked({"tokens": "many"})), "field 'usage"),
+        (AIMessage("x", response_metadata=unchecked({1: "x"})), "a key of 'response_metadata'"),
+        (_call(x=object()), "cannot be stored: Encoding objects of type object"),
+        (
+            {"role": "assistant", "tool_calls": [{"id": "c", "name": "f", "args": {1: 2}}]},
+            "a key of 'tool_calls\\[0\\].args'",
+        ),
+        ("lone \ud800 surrogate", "cannot be stored"),
+        (RemoveMessage(id=unchecked(7)), "field 'id'"),
+        (_call(x=_nest(64)), "'tool_calls\\[0\\].args' nests deeper than 64 levels"),
+        (_call(x=_nest(100_000)), "nests deeper than 64 levels"),
+        (AIMessage("x", response_metadata={"x": _nest(100_000)}), "'response_metadata' nests"),
+        (HumanMessage("x", name=unchecked(_nest(100_000))), "nests deeper"),
+    ],
+    ids=[
+        "id-int",
+        "name-int",
+        "tool-call-id-none",
+        "status-unknown",
+        "tool-calls-junk",
+        "tool-call-name-none",
+        "usage-str",
+        "metadata-int-key",
+        "args-object",
+        "dict-args-int-key",
+        "surrogate",
+        "remove-id-int",
+        "args-nest-65",
+        "args-nest-100k",
+        "metadata-nest-100k",
+        "name-nest-100k",
+    ],
+)
+def test_messages_that_could_not_be_read_back_are_refused(bad: Any, needle: str) -> None:
+    with pytest.raises(InvalidMessageError, match=needle):
+        coerce_messages(bad)
+    with pytest.raises(InvalidUpdateError, match=needle):
+        normalize_update(AgentState, {"messages": [bad]}, source="update_state")
+
+
+def test_every_accepted_message_reads_back_as_the_journal_reads_it() -> None:
+    accepted = coerce_messages(
+        [
+            "plain",
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "name": "f"}]},
+            AIMessage(
+                "x",
+                tool_calls=[ToolCall(id="c", name="f", args={"deep": _nest(63), "n": 2**63})],
+                usage={"input_tokens": 3},
+                response_metadata={"model": "m", "ids": (1, 2)},
+            ),
+            ToolMessage("done", tool_call_id="c", status="error"),
+            SystemMessage("be brief", name="setup"),
+            RemoveMessage(id="gone"),
+        ]
+    )
+    assert len(_STORED.decode(msgspec.msgpack.encode(accepted))) == 6
+
+
+def test_message_dicts_name_what_is_missing_or_unknown() -> None:
+    with pytest.raises(InvalidMessageError, match="'user' message needs 'content'"):
+        coerce_message({"role": "user"})
+    with pytest.raises(InvalidMessageError, match="unknown key 'conten'"):
+        coerce_message({"role": "user", "conten": "typo"})
+    with pytest.raises(InvalidMessageError, match="'refusal' is not supported"):
+        coerce_message({"role": "assistant", "content": "", "refusal": "I can't"})
+    # What an OpenAI SDK message dumps with (empty extras), and an assistant
+    # that only calls tools, are fine.
+    sdk: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None, "annotations": []}
+    assert coerce_message({**sdk, "tool_calls": None}) == AIMessage("")
+    assert coerce_message({"role": "remove", "id": "x"}) == RemoveMessage(id="x")
+
+
+class Address(msgspec.Struct):
+    city: str
+
+
+class Rich(AgentState):
+    address: Address | None = None
+    anything: Any = None
+    tags: dict[str, int] = {}
+
+
+@pytest.mark.parametrize(
+    ("update", "needle"),
+    [
+        ({"address": Address(city=unchecked(5))}, "'address': Expected `str`, got `int`"),
+        ({"anything": object()}, "'anything' cannot be stored"),
+        ({"anything": {"x": "\ud800"}}, "'anything' cannot be stored"),
+        ({"anything": 2**64}, "'anything' cannot be stored"),
+        ({"anything": _nest(65)}, "'anything' nests deeper than 64 levels"),
+        ({"anything": _nest(100_000)}, "'anything' nests deeper than 64 levels"),
+        ({"tags": {"a": True}}, "'tags'"),
+        ({"tags": {1: 1}}, "'tags'"),
+    ],
+    ids=[
+        "struct-inner-type",
+        "object",
+        "surrogate",
+        "int-2**64",
+        "nest-65",
+        "nest-100k",
+        "bool-for-int",
+        "int-key",
+    ],
+)
+def test_state_values_that_could_not_be_read_back_are_refused(
+    update: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(InvalidUpdateError, match=needle):
+        normalize_update(Rich, update)
+
+
+def test_state_values_at_the_nesting_limit_are_accepted() -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    assert normalize_update(Rich, {"anything": _nest(64)}) == {"anything": _nest(64)}
+    with pytest.raises(InvalidUpdateError, match="nests deeper"):
+        normalize_update(Rich, {"anything": cyclic})
+
+
+def test_nesting_is_measured_without_recursion() -> None:
+    from threadline.actors._api import MAX_NESTING, too_deep
+
+    assert MAX_NESTING == 64
+    assert not too_deep(_nest(64)) and too_deep(_nest(65))
+    assert not too_deep("x" * 10_000) and not too_deep({"a": 1}, limit=1)
+    assert too_deep({"a": {"b": 1}}, limit=1)
+    assert too_deep({(((),),): 1}, limit=3)  # keys count too
+    assert too_deep(Address(city=unchecked(_nest(64))))
+    assert too_deep(_nest(1_000_000))  # no RecursionError, however deep

@@ -17,7 +17,14 @@ from threadline.actors import (
     apply_update,
     normalize_update,
 )
-from threadline.actors._api import Emit, StepOutcome, TurnCursor, new_id, schema_info
+from threadline.actors._api import (
+    Emit,
+    StepOutcome,
+    TurnCursor,
+    check_message,
+    new_id,
+    schema_info,
+)
 
 from ..models import ChatModel
 from ._middleware import (
@@ -166,6 +173,14 @@ class Agent(Generic[S]):
             )
         try:
             result = await request.tool.ainvoke(call.args, request.runtime)
+            if isinstance(result, (Command, ToolMessage)):
+                return result
+            content = result if isinstance(result, str) else msgspec.json.encode(result).decode()
+            message = ToolMessage(content, tool_call_id=call.id, name=call.name)
+            # A result that cannot be stored (an object JSON cannot hold, a
+            # lone surrogate) is the tool's failure, told to the model like
+            # any other, not a turn that fails at every resume.
+            check_message(message)
         except Exception as exc:
             # A failing tool is information for the model, not a crashed thread.
             return ToolMessage(
@@ -174,10 +189,7 @@ class Agent(Generic[S]):
                 name=call.name,
                 status="error",
             )
-        if isinstance(result, (Command, ToolMessage)):
-            return result
-        content = result if isinstance(result, str) else msgspec.json.encode(result).decode()
-        return ToolMessage(content, tool_call_id=call.id, name=call.name)
+        return message
 
     # -- steps -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
+from threadline.actors._api import MAX_NESTING, too_deep
 
 if TYPE_CHECKING:
     from ..models import ChatModel
@@ -85,11 +86,8 @@ class ToolCallRequest(Generic[S]):
         return dataclasses.replace(self, **changes)
 
 
-def _to_builtins(value: Any) -> Any:
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):  # pydantic models
-        return dump(mode="json")
-    return msgspec.to_builtins(value)
+_ENCODER = msgspec.msgpack.Encoder()
+_ANY = msgspec.msgpack.Decoder()
 
 
 class ContextCodec:
@@ -109,9 +107,27 @@ class ContextCodec:
             if self.schema is None:
                 return None
             raise InvalidContextError(f"this agent needs a context of type {self._name()}")
+        # Bounded before anything recurses into it (see MAX_NESTING); a
+        # pydantic model's nesting shows only in its dump.
+        deep = f"context nests deeper than {MAX_NESTING} levels"
+        if too_deep(context):
+            raise InvalidContextError(deep)
+        dump = getattr(context, "model_dump", None)
         try:
-            raw = _to_builtins(context)
-        except (TypeError, msgspec.EncodeError) as exc:
+            raw = dump(mode="json") if callable(dump) else msgspec.to_builtins(context)
+        except RecursionError as exc:
+            raise InvalidContextError(deep) from exc
+        except Exception as exc:  # (msgspec's and a pydantic model_dump's errors alike)
+            raise InvalidContextError(f"context cannot be stored: {exc}") from exc
+        if callable(dump) and too_deep(raw):
+            raise InvalidContextError(deep)
+        try:
+            # Stored with the turn and read back as Any by every later step:
+            # accept only what reads back (no lone surrogates, no huge ints),
+            # and hand on what was read, so a live turn sees what a resumed
+            # one will.
+            raw = _ANY.decode(_ENCODER.encode(raw))
+        except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
             raise InvalidContextError(f"context cannot be stored: {exc}") from exc
         self.load(raw)  # validate now, at the door, not in the middle of a turn
         return raw
