@@ -24,6 +24,7 @@ from ._logging import get_logger as get_logger
 from ._mailbox import MailboxStatistics as MailboxStatistics
 from ._messages import check_message as check_message
 from ._messages import new_id as new_id
+from ._messages import pending_tool_calls as pending_tool_calls
 from ._nesting import MAX_NESTING as MAX_NESTING
 from ._nesting import too_deep as too_deep
 from ._records import FullRecord as FullRecord
@@ -60,6 +61,7 @@ __all__ = (
     "limits_text",
     "merge_updates",
     "new_id",
+    "pending_tool_calls",
     "schema_info",
     "stream_modes",
     "too_deep",

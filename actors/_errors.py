@@ -24,9 +24,10 @@
     ├── PersistenceError             anything the durable store says
     │   ├── ConflictError            the stored version is not the one the writer built on
     │   ├── FencedError              a newer owner (epoch) holds the thread
-    │   ├── SnapshotCorruptError     checksum mismatch, undecodable record or state
+    │   ├── SnapshotCorruptError     bad checksum, undecodable or too-deep record, a head that
+    │   │                            disagrees with its steps, a damaged SQLite file
     │   ├── SnapshotFormatError      a record written by a newer threadline
-    │   ├── ItemCorruptError         a cross-conversation store item that cannot be decoded
+    │   ├── ItemCorruptError         an undecodable store item, a damaged SQLite file
     │   └── StoreUnavailableError    the backend failed (I/O error, connection refused, ...)
     └── ThreadNotFoundError          no such thread
 
@@ -109,7 +110,9 @@ class FencedError(PersistenceError):
 
 
 class SnapshotCorruptError(PersistenceError):
-    """A stored record fails its checksum or cannot be decoded."""
+    """A thread's stored records cannot be trusted: a checksum mismatch, an undecodable
+    or too deeply nested record, a head that disagrees with its step records, or a
+    damaged SQLite file. Only that thread is affected; nothing is overwritten."""
 
 
 class SnapshotFormatError(PersistenceError):
@@ -121,7 +124,8 @@ class StoreUnavailableError(PersistenceError):
 
 
 class ItemCorruptError(PersistenceError):
-    """An item of the cross-conversation ``Store`` cannot be decoded."""
+    """An item of the cross-conversation ``Store`` cannot be decoded, or its SQLite
+    file is damaged."""
 
 
 class ThreadNotFoundError(ThreadlineError, LookupError):

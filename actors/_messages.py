@@ -377,6 +377,17 @@ def coerce_messages(value: object, *, first_id: str | None = None) -> list[Messa
     return out
 
 
+def pending_tool_calls(messages: Sequence[AnyMessage]) -> list[ToolCall]:
+    """Tool calls of the last AI message that have no ToolMessage yet."""
+    answered: set[str] = set()
+    for message in reversed(messages):
+        if isinstance(message, ToolMessage):
+            answered.add(message.tool_call_id)
+        elif isinstance(message, AIMessage):
+            return [c for c in message.tool_calls if c.id not in answered]
+    return []
+
+
 def to_openai(message: AnyMessage) -> dict[str, Any]:
     """An OpenAI Chat Completions dict for this message."""
     role = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}[message.type]

@@ -10,7 +10,6 @@ from ._middleware import before_model as before_model
 from ._middleware import dynamic_prompt as dynamic_prompt
 from ._middleware import wrap_model_call as wrap_model_call
 from ._middleware import wrap_tool_call as wrap_tool_call
-from ._requests import Emit as Emit
 from ._requests import ModelRequest as ModelRequest
 from ._requests import Runtime as Runtime
 from ._requests import ToolCallRequest as ToolCallRequest
@@ -27,7 +26,6 @@ __all__ = (
     "Agent",
     "AgentMiddleware",
     "BoundAgent",
-    "Emit",
     "ModelRequest",
     "Runtime",
     "TokenCounter",

@@ -23,6 +23,7 @@ from threadline.actors._api import (
     TurnCursor,
     check_message,
     new_id,
+    pending_tool_calls,
     schema_info,
 )
 
@@ -271,28 +272,17 @@ class Agent(Generic[S]):
         return StepOutcome("model", step.updates, step.state, nxt)
 
     def _route(self, state: AgentState) -> str:
-        if self._pending_calls(state):
+        if pending_tool_calls(state.messages):
             return "tools"
         # Hooks may have answered every call themselves: the model has not seen
         # those results yet.
         last = state.messages[-1] if state.messages else None
         return "model" if isinstance(last, ToolMessage) else "end"
 
-    @staticmethod
-    def _pending_calls(state: AgentState) -> list[Any]:
-        """Tool calls of the last AI message that have no ToolMessage yet."""
-        answered: set[str] = set()
-        for message in reversed(state.messages):
-            if isinstance(message, ToolMessage):
-                answered.add(message.tool_call_id)
-            elif isinstance(message, AIMessage):
-                return [c for c in message.tool_calls if c.id not in answered]
-        return []
-
     async def _tools_step(
         self, state: S, turn: TurnCursor, runtime: Runtime[Any]
     ) -> StepOutcome[S]:
-        calls = self._pending_calls(state)
+        calls = pending_tool_calls(state.messages)
         results: list[ToolMessage | Command | None] = [None] * len(calls)
         errors: list[BaseException] = []
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
 from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
-from threadline.actors._api import MAX_NESTING, too_deep
+from threadline.actors._api import MAX_NESTING, Emit, too_deep
 
 if TYPE_CHECKING:
     from ..models import ChatModel
@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 
 C = TypeVar("C")
 S = TypeVar("S", bound=AgentState)
-
-Emit = Callable[[str, Any], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

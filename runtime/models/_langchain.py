@@ -47,7 +47,9 @@ if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage, UsageMetadata
     from langchain_core.runnables import Runnable
 
-    from ..agent import Emit, ModelRequest
+    from threadline.actors._api import Emit
+
+    from ..agent import ModelRequest
 
 MISSING_LANGCHAIN: Final = (
     "LangChainChatModel needs langchain-core: pip install 'threadline[langchain]'"

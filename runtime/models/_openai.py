@@ -58,7 +58,9 @@ from threadline.actors._api import new_id
 from ._base import MessageChunk
 
 if TYPE_CHECKING:
-    from ..agent import Emit, ModelRequest
+    from threadline.actors._api import Emit
+
+    from ..agent import ModelRequest
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 

@@ -16,11 +16,11 @@ from threadline.actors import (
     ToolCallLimitExceededError,
     ToolMessage,
 )
-from threadline.actors._api import limits_text
+from threadline.actors._api import limits_text, pending_tool_calls
 
 from .._middleware import AgentMiddleware, HookResult
 from .._requests import Runtime
-from ._common import _check_choice, _check_int, _pending_calls
+from ._common import _check_choice, _check_int
 
 
 class CallLimitState(AgentState, kw_only=True):
@@ -146,7 +146,7 @@ class ToolCallLimitMiddleware(AgentMiddleware):
         return None
 
     def after_model(self, state: Any, runtime: Runtime[Any]) -> HookResult:
-        pending = _pending_calls(state.messages)
+        pending = pending_tool_calls(state.messages)
         matching = [c for c in pending if self.tool_name is None or c.name == self.tool_name]
         if not matching:
             return None

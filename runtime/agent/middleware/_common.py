@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from threadline.actors import AIMessage, AnyMessage, ToolCall, ToolMessage
+from threadline.actors import AIMessage, AnyMessage
 
 
 def _check_int(name: str, value: object, *, minimum: int, optional: bool = False) -> None:
@@ -32,14 +32,3 @@ def _answered_by(messages: Sequence[AnyMessage], index: int, call_id: str) -> in
         if isinstance(m, AIMessage) and any(c.id == call_id for c in m.tool_calls):
             return j
     return None
-
-
-def _pending_calls(messages: Sequence[AnyMessage]) -> list[ToolCall]:
-    """Tool calls of the last AI message that have no ToolMessage yet."""
-    answered: set[str] = set()
-    for message in reversed(messages):
-        if isinstance(message, ToolMessage):
-            answered.add(message.tool_call_id)
-        elif isinstance(message, AIMessage):
-            return [c for c in message.tool_calls if c.id not in answered]
-    return []
