@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Final
 
+import anyio
 import msgspec
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
@@ -173,6 +174,10 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     server_ms: int
     """Redis time of the acquire, the renew or the look that produced this value."""
     expires_ms: int
+    sent_at: float = 0.0
+    """``anyio.current_time()`` when that request was sent: the local clock,
+    for self-fencing only (stop work ``0.7 * ttl`` after the last good renew
+    was *sent*; the lease cannot have lasted longer). Safety never reads it."""
 
     @property
     def token(self) -> str:
@@ -180,7 +185,9 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.epoch}:{self.worker}"
 
 
-def _parse_token(partition: int, token: str, server_ms: int, expires_ms: int) -> Lease:
+def _parse_token(
+    partition: int, token: str, server_ms: int, expires_ms: int, sent_at: float
+) -> Lease:
     epoch, sep, worker = token.partition(":")
     if not sep or not epoch.isdigit() or not worker:
         raise PersistenceError(f"malformed lease of partition {partition}: {token!r}")
@@ -190,6 +197,7 @@ def _parse_token(partition: int, token: str, server_ms: int, expires_ms: int) ->
         worker=worker,
         server_ms=server_ms,
         expires_ms=expires_ms,
+        sent_at=sent_at,
     )
 
 
@@ -238,6 +246,7 @@ class PartitionLeases:
         """
         check_worker_id(worker)
         keys = self.keys(partition)
+        sent_at = anyio.current_time()
         with mapped(f"lease acquire of partition {partition}"):
             reply = await self._acquire(keys=[keys.lease, keys.epoch], args=[worker, self.ttl_ms])
         try:
@@ -252,6 +261,7 @@ class PartitionLeases:
             worker=worker,
             server_ms=now,
             expires_ms=now + self.ttl_ms,
+            sent_at=sent_at,
         )
 
     async def renew(self, lease: Lease) -> Lease | None:
@@ -262,6 +272,7 @@ class PartitionLeases:
         :class:`FencedError` when another token holds the partition.
         """
         keys = self.keys(lease.partition)
+        sent_at = anyio.current_time()
         with mapped(f"lease renew of partition {lease.partition}"):
             reply = await self._renew(keys=[keys.lease], args=[lease.token, self.ttl_ms])
         try:
@@ -269,7 +280,9 @@ class PartitionLeases:
         except (TypeError, ValueError, IndexError) as exc:
             raise PersistenceError(f"unexpected reply to a lease renew: {reply!r}") from exc
         if status == 1:
-            return msgspec.structs.replace(lease, server_ms=now, expires_ms=now + self.ttl_ms)
+            return msgspec.structs.replace(
+                lease, server_ms=now, expires_ms=now + self.ttl_ms, sent_at=sent_at
+            )
         if status == 0:
             return None
         raise FencedError(
@@ -286,6 +299,7 @@ class PartitionLeases:
     async def holder(self, partition: int) -> Lease | None:
         """Who holds ``partition`` now, as Redis sees it, or ``None``."""
         keys = self.keys(partition)
+        sent_at = anyio.current_time()
         with mapped(f"lease look-up of partition {partition}"):
             reply = await self._holder(keys=[keys.lease])
         if reply is None:
@@ -294,4 +308,4 @@ class PartitionLeases:
             token, pttl, now = _text(reply[0]), int(reply[1]), int(reply[2])
         except (TypeError, ValueError, IndexError) as exc:
             raise PersistenceError(f"unexpected reply to a lease look-up: {reply!r}") from exc
-        return _parse_token(partition, token, now, now + max(pttl, 0))
+        return _parse_token(partition, token, now, now + max(pttl, 0), sent_at)

@@ -273,8 +273,10 @@ async def test_renew_extends_only_the_current_token(
     leases = PartitionLeases(client, layout=layout, ttl_ms=300)
     lease = await leases.acquire(0, "w-a")
     assert lease is not None
+    sent = anyio.current_time()
     renewed = await leases.renew(lease)
     assert renewed is not None
+    assert lease.sent_at <= sent <= renewed.sent_at <= anyio.current_time()
     assert (renewed.epoch, renewed.worker) == (lease.epoch, lease.worker)
     assert renewed.server_ms >= lease.server_ms
     assert renewed.expires_ms == renewed.server_ms + 300
