@@ -20,7 +20,20 @@ from ._items_sqlite import SqliteStore as SqliteStore
 from ._journal import ThreadJournal as ThreadJournal
 from ._journal import load_thread as load_thread
 from ._journal import read_history as read_history
+from ._leases import FENCE_CHECK_LUA as FENCE_CHECK_LUA
+from ._leases import Lease as Lease
+from ._leases import PartitionLeases as PartitionLeases
+from ._leases import fenced_script as fenced_script
+from ._membership import Membership as Membership
 from ._open import open_snapshot_store as open_snapshot_store
+from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
+from ._partitions import KeyLayout as KeyLayout
+from ._partitions import PartitionKeys as PartitionKeys
+from ._partitions import partition_of as partition_of
+from ._placement import PartitionPlan as PartitionPlan
+from ._placement import assign_partitions as assign_partitions
+from ._placement import partition_owner as partition_owner
+from ._placement import plan_partitions as plan_partitions
 from ._snapshots import CommitRequest as CommitRequest
 from ._snapshots import MemorySnapshotStore as MemorySnapshotStore
 from ._snapshots import SnapshotStore as SnapshotStore
@@ -32,13 +45,21 @@ __all__ = (
     "Codec",
     "CommitRequest",
     "ConflictError",
+    "DEFAULT_PARTITIONS",
+    "FENCE_CHECK_LUA",
     "FORMAT_VERSION",
     "FencedError",
     "Item",
     "ItemCorruptError",
+    "KeyLayout",
+    "Lease",
+    "Membership",
     "MemorySnapshotStore",
     "MemoryStore",
     "Namespace",
+    "PartitionKeys",
+    "PartitionLeases",
+    "PartitionPlan",
     "PersistenceError",
     "RedisSnapshotStore",
     "RedisStore",
@@ -51,7 +72,12 @@ __all__ = (
     "StoreUnavailableError",
     "StoredThread",
     "ThreadJournal",
+    "assign_partitions",
+    "fenced_script",
     "load_thread",
     "open_snapshot_store",
+    "partition_of",
+    "partition_owner",
+    "plan_partitions",
     "read_history",
 )

@@ -29,6 +29,8 @@ from threadline.persistence import (
     SqliteSnapshotStore,
 )
 
+from ._cluster import RedisClusterProcesses
+
 STORE_KINDS = ("memory", "sqlite", "redis")
 
 
@@ -197,3 +199,33 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 async def snapshot_store(store_kind: str, open_store: OpenStore) -> AsyncIterator[SnapshotStore]:
     async with open_store(store_kind) as store:
         yield store
+
+
+# -- a 3-node Redis Cluster -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """Three cluster-enabled redis-servers on free loopback ports, slots assigned.
+
+    Skipped without ``redis-server`` or ``redis-cli``, unless
+    ``THREADLINE_REQUIRE_REDIS=1`` (then it fails). Torn down at session end.
+    """
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        message = "redis-server or redis-cli binary not found"
+        if os.environ.get("THREADLINE_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{message} (THREADLINE_REQUIRE_REDIS=1)")
+        pytest.skip(message)
+    cluster = RedisClusterProcesses(server, cli, tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        try:
+            cluster.start()
+        except RuntimeError:
+            # A port may have been taken between probing and binding: one more try.
+            cluster.stop()
+            cluster = RedisClusterProcesses(server, cli, tmp_path_factory.mktemp("redis-cluster"))
+            cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
