@@ -192,9 +192,11 @@ async def ask_until_replied(
     *,
     attempts: int = 10,
     backoff: float = 0.01,
+    max_backoff: float = 0.2,
     retry_on: tuple[type[BaseException], ...] = (PersistenceError,),
 ) -> tuple[TurnResult[Any], list[str]]:
-    """Ask, retrying the same message id on ``retry_on``; the result and the errors seen."""
+    """Ask, retrying the same message id on ``retry_on`` (waiting ``backoff``,
+    doubling up to ``max_backoff``); the result and the errors seen."""
     errors: list[str] = []
     for attempt in range(attempts):
         try:
@@ -203,7 +205,7 @@ async def ask_until_replied(
             errors.append(type(exc).__name__)
             if attempt == attempts - 1:
                 raise
-            await anyio.sleep(backoff * (attempt + 1))
+            await anyio.sleep(min(backoff * 2**attempt, max_backoff))
     raise AssertionError("unreachable")
 
 
