@@ -11,10 +11,12 @@ Costs (2 cores): the SIGKILL loops ~15 s per store, the Nth-call sweeps
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from ._faults import (
     worker_command,
 )
 from ._history import (
+    VERDICTS,
     History,
     Op,
     ask_until_replied,
@@ -51,6 +54,7 @@ from ._history import (
     parse_lines,
     read_histories,
     recorded_ask,
+    recorded_tell,
 )
 from .conftest import RedisServer
 
@@ -447,3 +451,70 @@ async def test_a_damaged_thread_gets_a_typed_error_and_the_others_are_intact(
     assert report.acknowledged == report.sent == len(good) * 9
     # Isolation: the damage is the damaged thread's problem only.
     assert good_errors == [], "the other threads failed with the damaged one"
+
+
+# -- tells, duplicates queued behind their originals ---------------------------------
+
+
+@pytest.mark.parametrize("kind", STORES)
+async def test_accepted_tells_with_duplicates_queued_are_each_applied_once_in_order(
+    kind: str, open_store: Any
+) -> None:
+    """No fault: a returned ``tell`` is then a promise (the system stays up and
+    ends cleanly), and re-sending a queued message must not cost any other. A
+    small mailbox makes senders wait for room as well."""
+    rng = random.Random(3)
+    history = History()
+    threads = [f"t{j}" for j in range(3)]
+    async with ActorSystem(make_agent(), snapshots=open_store(kind), mailbox_capacity=2) as system:
+
+        async def sender(thread: str) -> None:
+            client = f"client-{thread}"
+            sent: list[str] = []
+            for i in range(12):
+                mid = message_id(thread, i)
+                await recorded_tell(history, system, client, thread, message_text(i), mid)
+                sent.append(mid)
+                if rng.random() < 0.4:  # a duplicate of a message that may still be queued
+                    again = rng.choice(sent[-3:])
+                    await recorded_tell(history, system, client, thread, "dup", again)
+            # FIFO: once this is answered, every tell before it was handled.
+            await recorded_ask(history, system, client, thread, "say end", f"{thread}-end")
+
+        async with anyio.create_task_group() as tg:
+            for thread in threads:
+                tg.start_soon(sender, thread)
+        histories = await read_histories(system, threads)
+    report = check(history.ops, histories, tells_acknowledge=True)
+    report.assert_ok(f"tells with duplicates on {kind}")
+    assert report.acknowledged == report.sent == 3 * 13
+
+
+# -- the soak command ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_soak_quick_reports_the_checkers_counts(redis_server: RedisServer, tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    args = ["soak", "--quick", "--seed", "11", "--redis-url", redis_server.url, "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["failures"] == []
+    rows = {(r["fault"], r["store"]): r for r in report["rows"]}
+    assert set(rows) == {(f, s) for f in ("kill", "nth") for s in ("sqlite", "redis")}
+    for key, row in rows.items():
+        assert row["faults"] > 0 and row["acknowledged"] > 0, key
+        assert set(row["counts"]) == set(VERDICTS)
+        assert not any(row["counts"].values()), (key, row["counts"])
+    assert "## Soak: 1 cycles" in proc.stdout and ": PASS" in proc.stdout
+    for column in ("lost", "duplicated", "reordered", "forked"):
+        assert column in proc.stdout
