@@ -43,18 +43,15 @@ from tests._history import VERDICTS, Report  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class SoakSizes:
-    kills: int = 10  # per SIGKILL loop
+    kills: int = 25  # per SIGKILL loop
     threads: int = 3
-    messages: int = 60  # per thread and loop
     max_delay: float = 0.4
     sweep_threads: int = 2
     sweep_messages: int = 3
 
 
 FULL = SoakSizes()
-QUICK = SoakSizes(
-    kills=2, threads=2, messages=16, max_delay=0.25, sweep_threads=1, sweep_messages=2
-)
+QUICK = SoakSizes(kills=2, threads=2, max_delay=0.25, sweep_threads=1, sweep_messages=2)
 
 
 @dataclasses.dataclass
@@ -97,7 +94,6 @@ def _run_cycle(
                 seed=seed + cycle,
                 kills=sizes.kills,
                 threads=threads,
-                messages=sizes.messages,
                 max_delay=sizes.max_delay,
             )
         except AssertionError as exc:  # a worker failed: a finding, not a crash of the soak

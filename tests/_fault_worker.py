@@ -1,11 +1,17 @@
 """Child processes of the fault tests (run as ``python -m tests._fault_worker MODE ...``
 from the repository root).
 
-    drive    STORE HISTORY THREADS N [--delay S]
-        Sends messages 0..N-1 to each thread (one sender per thread), skipping
-        those HISTORY already shows replied, retrying the same id on a
-        PersistenceError; appends every operation to HISTORY. Prints
-        ``ready K`` (K = turns found parked) once running, ``done`` at the end.
+    drive    STORE HISTORY THREADS [--messages N] [--stop-file PATH] [--delay S]
+        Sends messages 0, 1, 2, ... (up to N-1) to each thread, one sender per
+        thread, skipping those HISTORY shows replied and retrying the same id
+        on a PersistenceError; appends every operation to HISTORY. Once
+        PATH exists it sends no new message, only the ones sent before and
+        never replied. Prints ``ready K`` (K = turns found parked) once
+        running, ``done`` at the end.
+    forkserver
+        Reads requests ``{"args": [...], "stderr": PATH}`` as JSON lines on
+        stdin; for each forks a child that runs those arguments (its stderr
+        to PATH), prints ``pid P``, waits for it and prints ``exit P CODE``.
     lock     DB
         Holds ``BEGIN EXCLUSIVE`` on the SQLite file; prints ``locked``; lets
         go when stdin closes.
@@ -25,12 +31,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
+import json
 import logging
 import os
 import resource
 import signal
 import sqlite3
 import sys
+import traceback
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -67,7 +77,10 @@ def _json(value: Any) -> str:
 
 async def drive(args: argparse.Namespace) -> None:
     threads = args.threads.split(",")
-    replied = {(op.thread, op.id) for op in History.load(args.history) if op.op == "reply"}
+    before = History.load(args.history)
+    replied = {(op.thread, op.id) for op in before if op.op == "reply"}
+    sent = {(op.thread, op.id) for op in before if op.op == "send"}
+    stop = Path(args.stop_file) if args.stop_file else None
     with History(args.history) as history:
         async with ActorSystem(make_agent(args.delay), snapshots=open_store(args.store)) as system:
             parked = 0
@@ -77,10 +90,14 @@ async def drive(args: argparse.Namespace) -> None:
             print(f"ready {parked}", flush=True)
 
             async def sender(thread: str) -> None:
-                for i in range(args.messages):
+                for i in itertools.count():
                     mid = message_id(thread, i)
+                    if args.messages is not None and i >= args.messages:
+                        break
                     if (thread, mid) in replied:
                         continue
+                    if stop is not None and stop.exists() and (thread, mid) not in sent:
+                        break
                     await ask_until_replied(
                         history,
                         system,
@@ -144,6 +161,37 @@ async def verify(args: argparse.Namespace) -> None:
     print("done", flush=True)
 
 
+def forkserver() -> None:
+    """Fork a child per request: everything is imported once, here.
+
+    This process never opens a store nor runs an event loop, so a fork of it
+    starts clean: the child makes its own loop and its own connections.
+    """
+    for request in sys.stdin.buffer:
+        spec = json.loads(request)
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                err = os.open(spec["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.dup2(err, 2)
+                main(spec["args"])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(f"pid {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"exit {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests._fault_worker")
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -151,8 +199,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("store")
     p.add_argument("history")
     p.add_argument("threads")
-    p.add_argument("messages", type=int)
+    p.add_argument("--messages", type=int)
+    p.add_argument("--stop-file")
     p.add_argument("--delay", type=float, default=0.005)
+    modes.add_parser("forkserver")
     p = modes.add_parser("lock")
     p.add_argument("db")
     p = modes.add_parser("diskfull")
@@ -168,7 +218,9 @@ def main(argv: list[str]) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    if args.mode == "lock":
+    if args.mode == "forkserver":
+        forkserver()
+    elif args.mode == "lock":
         lock(args)
     elif args.mode == "drive":
         anyio.run(drive, args)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import select
@@ -306,24 +307,191 @@ def worker_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tests._fault_worker", *args]
 
 
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """One line of the child's stdout, or "" if it exits or the time runs out."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return ""
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 1)
-        if not chunk:
-            return ""
-        data += chunk
-    return data.decode().strip()
+class Lines:
+    """Lines read from a file descriptor, each within a timeout (None if none came)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = b""
+        self.closed = False
+
+    def next(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if self.closed or left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 4096)
+                self.closed = not chunk
+                self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode().strip()
+
+
+class Child:
+    """A worker process running ``drive``: ``ready()``, then ``kill()`` or ``finish()``."""
+
+    pid: int
+    said: list[str]
+
+    def ready(self, timeout: float) -> str | None:
+        """The child's ``ready K`` line (None if it died or took too long)."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> int | None:
+        """Its exit code once it exits within ``timeout``, else None."""
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        """SIGKILL, and wait until it is gone."""
+        raise NotImplementedError
+
+
+class ExecChild(Child):
+    """A fresh interpreter per round (``subprocess`` with ``sys.executable``)."""
+
+    def __init__(self, args: Sequence[str], stderr: Path) -> None:
+        with stderr.open("wb") as err:
+            self.proc = subprocess.Popen(
+                worker_command(*args),
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        assert self.proc.stdout is not None
+        self.pid = self.proc.pid
+        self.lines = Lines(self.proc.stdout.fileno())
+        self.said = []
+
+    def ready(self, timeout: float) -> str | None:
+        line = self.lines.next(timeout)
+        if line is not None:
+            self.said.append(line)
+        return line
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        while (line := self.lines.next(1.0)) is not None:
+            self.said.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+class ForkServer:
+    """One interpreter that has imported everything and forks a child per round.
+
+    The rounds of a kill loop then start in milliseconds instead of the
+    interpreter's second of imports: several times the kills per minute.
+    Each child is a new process (its own store connections, its own event
+    loop); the server holds no store and runs no loop, so forking it is safe.
+    The server writes ``pid P`` and ``exit P CODE`` lines, the children their
+    own lines, on the one stdout pipe (every line is one small write).
+    """
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            worker_command("forkserver"),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        self.lines = Lines(self.proc.stdout.fileno())
+
+    def start(self, args: Sequence[str], stderr: Path, timeout: float) -> ForkedChild:
+        assert self.proc.stdin is not None
+        request = json.dumps({"args": list(args), "stderr": str(stderr)})
+        self.proc.stdin.write(request.encode() + b"\n")
+        self.proc.stdin.flush()
+        child = ForkedChild(self)
+        line = child.next(timeout)
+        if line is None or not line.startswith("pid "):
+            raise AssertionError(f"the fork server did not fork (said {line!r})")
+        child.pid = int(line.split()[1])
+        return child
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ForkedChild(Child):
+    def __init__(self, server: ForkServer) -> None:
+        self.server = server
+        self.pid = 0
+        self.code: int | None = None
+        self.said = []
+
+    def next(self, timeout: float) -> str | None:
+        line = self.server.lines.next(timeout)
+        if line is None:
+            return None
+        if line.startswith("exit "):
+            _, pid, code = line.split()
+            assert int(pid) == self.pid, line
+            self.code = int(code)
+        elif not line.startswith("pid "):
+            self.said.append(line)
+        return line
+
+    def ready(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while self.code is None:
+            line = self.next(max(deadline - time.monotonic(), 0.0))
+            if line is None:
+                return None
+            if line.startswith("ready"):
+                return line
+        return None
+
+    def wait(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while self.code is None:
+            if self.next(max(deadline - time.monotonic(), 0.0)) is None:
+                return None
+        return self.code
+
+    def kill(self) -> None:
+        if self.code is None:
+            # Still ours: the server reaps it and says so only after it died.
+            os.kill(self.pid, signal.SIGKILL)
+            if self.wait(60) is None:
+                raise AssertionError(f"child {self.pid} did not die")
+
+    def close(self) -> None:
+        if self.code is None:
+            self.kill()
 
 
 def kill_loop(
@@ -333,22 +501,28 @@ def kill_loop(
     seed: int,
     kills: int,
     threads: Sequence[str],
-    messages: int,
+    messages: int | None = None,
     max_delay: float = 0.4,
     delay: float = 0.005,
+    fork: bool = True,
     timeout: float = 60.0,
 ) -> KillLoopResult:
     """Run the workload in a child; SIGKILL it ``kills`` times, each at a delay
-    drawn from ``random.Random(seed)`` after it reported ready; let the last
-    child finish; then check the histories.
+    drawn from ``random.Random(seed)`` after it reported ready; then let a last
+    child finish what was sent (it sends nothing new); then check the histories.
 
     Each child resumes the parked turns (on activation) and re-sends every
-    message not yet replied, with the same id. The kill instants are
+    message not yet replied, with the same id; until the last round it keeps
+    sending new ones (up to ``messages`` per thread, if given), so every kill
+    lands in work whatever the machine's speed. The kill instants are
     reproducible relative to each child's start; where in the workload they
-    land depends on timing as well.
+    land depends on timing as well. ``fork``: children are forked from a
+    :class:`ForkServer` (fast); otherwise each is a fresh interpreter.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     history_path = workdir / "history.jsonl"
+    stop_file = workdir / "stop"
+    stop_file.unlink(missing_ok=True)
     rng = random.Random(seed)
     result = KillLoopResult(seed=seed)
     args = [
@@ -356,58 +530,51 @@ def kill_loop(
         spec,
         str(history_path),
         ",".join(threads),
-        str(messages),
+        "--stop-file",
+        str(stop_file),
         "--delay",
         str(delay),
     ]
-    while True:
-        errors = workdir / f"round-{result.rounds}.err"
-        with errors.open("wb") as err:
-            proc = subprocess.Popen(
-                worker_command(*args),
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
+    if messages is not None:
+        args += ["--messages", str(messages)]
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(ForkServer()) if fork else None
+        while True:
+            if result.kills >= kills:
+                stop_file.touch()
+            errors = workdir / f"round-{result.rounds}.err"
+            child: ExecChild | ForkedChild = (
+                server.start(args, errors, timeout) if server else ExecChild(args, errors)
             )
-        try:
-            ready = _read_line(proc, timeout)
-            if not ready.startswith("ready"):
-                proc.kill()
-                proc.wait()
-                raise AssertionError(
-                    f"round {result.rounds}: the worker never got ready (exit {proc.returncode}):\n"
-                    + errors.read_text(errors="replace")
-                )
-            parked = int(ready.split()[1])
-            if result.rounds and parked:
-                result.resumed_rounds += 1
-                result.parked_turns += parked
-            result.rounds += 1
-            if result.kills < kills:
-                wait = rng.uniform(0.0, max_delay)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=wait)
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait(timeout=timeout)
-                    result.kills += 1
-                    result.delays.append(wait)
-                    continue
-            proc.wait(timeout=timeout * 4)
-            done = _read_line(proc, 1.0)
-            if proc.returncode != 0 or done != "done":
-                raise AssertionError(
-                    f"round {result.rounds}: the worker failed (exit {proc.returncode}, "
-                    f"said {done!r}):\n" + errors.read_text(errors="replace")
-                )
-            break
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+            try:
+                ready = child.ready(timeout)
+                if ready is None:
+                    child.kill()
+                    raise AssertionError(
+                        f"round {result.rounds}: the worker never got ready "
+                        f"(said {child.said}):\n" + errors.read_text(errors="replace")
+                    )
+                parked = int(ready.split()[1])
+                if result.rounds and parked:
+                    result.resumed_rounds += 1
+                    result.parked_turns += parked
+                result.rounds += 1
+                if result.kills < kills:
+                    wait = rng.uniform(0.0, max_delay)
+                    if child.wait(wait) is None:
+                        child.kill()
+                        result.kills += 1
+                        result.delays.append(wait)
+                        continue
+                code = child.wait(timeout * 4)
+                if code != 0 or child.said[-1:] != ["done"]:
+                    raise AssertionError(
+                        f"round {result.rounds}: the worker failed (exit {code}, "
+                        f"said {child.said}):\n" + errors.read_text(errors="replace")
+                    )
+                break
+            finally:
+                child.close()
 
     async def histories() -> tuple[dict[str, Any], list[str]]:
         async with ActorSystem(make_agent(), snapshots=open_store(spec)) as reader:

@@ -98,6 +98,7 @@ class History:
         self.path = None if path is None else Path(path)
         self._fd: int | None = None
         if self.path is not None:
+            _drop_torn_tail(self.path)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._pid = os.getpid()
 
@@ -141,6 +142,20 @@ class History:
                 continue
             ops.extend(parse_lines(p.read_bytes().splitlines()))
         return ops
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a record torn by a kill off the end of the file before appending to it.
+
+    Sound for the checker: a torn ``send`` means the process died before it
+    called ``ask``; a torn ``reply`` only makes the checker expect less.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def parse_lines(lines: Sequence[bytes]) -> list[Op]:

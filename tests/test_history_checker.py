@@ -302,6 +302,10 @@ def test_history_file_round_trip_tolerates_a_torn_last_line(tmp_path: Path) -> N
         f.write(b'{"op":"send","thr')  # SIGKILL in the middle of a record
     ops = History.load(path, tmp_path / "absent.jsonl")
     assert ops == h.ops
+    # The next process appending to the file first cuts the torn record off.
+    with History(path) as again:
+        asked(again, "t", "m3", 6)
+    assert History.load(path) == h.ops + again.ops
     path.write_bytes(b'{"op":"se\n' + path.read_bytes())
     with pytest.raises(msgspec.DecodeError):
         History.load(path)
