@@ -33,11 +33,17 @@ from threadline import (
     SnapshotFormatError,
     StoreUnavailableError,
 )
-from threadline.persistence import FORMAT_VERSION, RedisSnapshotStore, SqliteSnapshotStore
+from threadline.persistence import (
+    FORMAT_VERSION,
+    RedisSnapshotStore,
+    SnapshotStore,
+    SqliteSnapshotStore,
+)
 from threadline.runtime import ActorSystem
 
 from ._faults import (
     ROOT,
+    FaultyStore,
     kill_loop,
     make_agent,
     message_id,
@@ -125,6 +131,7 @@ async def test_nth_call_failing_in_each_position_loses_and_duplicates_nothing(
     kind: str, open_store: Any
 ) -> None:
     async with open_store(kind) as store:
+        assert isinstance(FaultyStore(store, mode="before"), SnapshotStore)
         result = await nth_call_sweep(store, "sweep")
     assert result.report is not None
     result.report.assert_ok(f"Nth-call faults on {kind}")
@@ -346,7 +353,7 @@ def damage_sqlite(path: Path, thread: str, how: str) -> None:
 
 
 def damage_redis(server: RedisServer, prefix: str, thread: str, how: str) -> None:
-    raw = redis.Redis(host="127.0.0.1", port=server.port)
+    raw: Any = redis.Redis(host="127.0.0.1", port=server.port)  # (its stubs want str values)
     try:
         (key,) = [
             k
