@@ -2,6 +2,9 @@
 
 ``python -m benchmarks [w1 w2 w3 raw memory | all] [--quick] [--json PATH] [--redis-url URL]``
 
+``python -m benchmarks soak [--minutes N | --quick]``: fault injection judged by the
+history checker (``benchmarks/_soak.py``).
+
 Prints a markdown table per workload (threadline on SQLite ``synchronous=FULL``
 and on Redis with ``appendfsync always``; LangGraph on AsyncSqliteSaver and
 InMemorySaver from the same run when ``langgraph`` is importable), then the
@@ -605,6 +608,12 @@ def _memory_table(m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["soak"]:
+        from . import _soak
+
+        _soak.main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument(
         "workloads", nargs="*", default=["all"], help=f"{' '.join(WORKLOADS)} or all (default)"
