@@ -385,19 +385,11 @@ EXPECTED = {
 
 BAD_ATTEMPTS = 6
 
-SQLITE_BATCH_ISOLATION = pytest.mark.xfail(
-    strict=False,
-    reason="known bug (SQLite batch isolation for a bad head): a step row past the head "
-    "makes the batch's INSERT fail (UNIQUE constraint), and every commit that shared the "
-    "batch gets StoreUnavailableError, the other threads' included",
-)
-
 
 @pytest.mark.parametrize(
     ("kind", "how"),
     [
-        *(pytest.param("sqlite", how, marks=[]) for how in EXPECTED if how != "stray"),
-        pytest.param("sqlite", "stray", marks=SQLITE_BATCH_ISOLATION),
+        *(pytest.param("sqlite", how) for how in EXPECTED),
         *(pytest.param("redis", how, marks=pytest.mark.redis) for how in EXPECTED),
     ],
 )
@@ -427,9 +419,6 @@ async def test_a_damaged_thread_gets_a_typed_error_and_the_others_are_intact(
     else:
         damage_redis(request.getfixturevalue("redis_server"), redis_prefix, "bad", how)
 
-    # SQLite reads a thread up to its head: a stray row past it does not stop
-    # a load (only the next commit); Redis reads the whole list.
-    loads = (kind, how) == ("sqlite", "stray")
     bad_errors: list[BaseException] = []
     good_errors: list[str] = []
     async with ActorSystem(agent, snapshots=open_store(kind)) as system:
@@ -463,11 +452,13 @@ async def test_a_damaged_thread_gets_a_typed_error_and_the_others_are_intact(
             for thread in good:
                 tg.start_soon(good_sender, thread)
         histories = await read_histories(system, good)
-        if not loads:
-            with pytest.raises(EXPECTED[how]):
-                await system.get_state("bad")
-    expected = BAD_ATTEMPTS + (not loads)
-    assert len(bad_errors) == expected, f"the damaged thread accepted messages: {bad_errors}"
+        # Every store checks a load against the thread's records: none of the
+        # damage loads (a stray step past the head included).
+        with pytest.raises(EXPECTED[how]):
+            await system.get_state("bad")
+    assert len(bad_errors) == BAD_ATTEMPTS + 1, (
+        f"the damaged thread accepted messages: {bad_errors}"
+    )
     assert all(isinstance(e, EXPECTED[how]) for e in bad_errors), bad_errors
     report = check([op for op in history.ops if op.thread != "bad"], histories)
     report.assert_ok(f"{how} damage on {kind}: the other threads")
