@@ -19,6 +19,7 @@ from ._errors import ModelError as ModelError
 from ._errors import ModelHTTPError as ModelHTTPError
 from ._errors import ModelResponseError as ModelResponseError
 from ._errors import ModelTimeoutError as ModelTimeoutError
+from ._errors import OverloadedError as OverloadedError
 from ._errors import PersistenceError as PersistenceError
 from ._errors import SnapshotCorruptError as SnapshotCorruptError
 from ._errors import SnapshotFormatError as SnapshotFormatError
@@ -74,6 +75,7 @@ __all__ = (
     "ModelHTTPError",
     "ModelResponseError",
     "ModelTimeoutError",
+    "OverloadedError",
     "PersistenceError",
     "REMOVE_ALL_MESSAGES",
     "RemoveMessage",

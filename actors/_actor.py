@@ -373,7 +373,7 @@ class ThreadActor(Generic[S]):
         self.state, self.turn = state, turn
         version = self._journal.version
         self._ctx.log.debug("step.committed", version=version, kind=kind)
-        if reply is not None and reply.sink is not None:
+        if reply is not None and reply.listening:
             tid = self.thread_id
             reply.emit(
                 "updates",

@@ -66,6 +66,11 @@ class Reply:
     def settled(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def listening(self) -> bool:
+        """Whether anyone takes stream parts (the actor skips building them if not)."""
+        return self.sink is not None
+
     def resolve(self, value: Any) -> None:
         if not self._done.is_set():
             self._value = value

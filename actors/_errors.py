@@ -11,6 +11,7 @@
     │   └── InvalidContextError      context that does not match the agent's context_schema
     ├── InvalidToolError             a function that cannot become a tool (also a TypeError)
     ├── MailboxFullError             tell_nowait on a full mailbox
+    ├── OverloadedError              a partition inbox is over its backlog cap (back off)
     ├── SystemClosedError            the ActorSystem is not running (or is shutting down)
     ├── TurnFailedError              a model, tool-chain or hook failed; the turn was aborted
     ├── ModelError                   a chat model call failed
@@ -78,6 +79,14 @@ class InvalidToolError(ThreadlineError, TypeError):
 
 class MailboxFullError(ThreadlineError):
     """The thread's mailbox is at capacity (raised by ``tell_nowait``)."""
+
+
+class OverloadedError(ThreadlineError):
+    """A partition's inbox holds more unprocessed messages than its cap.
+
+    Not to be retried at once: the workers are behind; back off, then retry with
+    the same ``message_id`` (it is applied once).
+    """
 
 
 class SystemClosedError(ThreadlineError):

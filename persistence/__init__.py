@@ -11,6 +11,11 @@ from threadline.actors import StoreUnavailableError as StoreUnavailableError
 
 from ._codec import FORMAT_VERSION as FORMAT_VERSION
 from ._codec import Codec as Codec
+from ._deployment import DEPLOYMENT_PARTITIONS as DEPLOYMENT_PARTITIONS
+from ._deployment import deployment_layout as deployment_layout
+from ._deployment import open_redis as open_redis
+from ._inbox_redis import InboxEntry as InboxEntry
+from ._inbox_redis import RedisInbox as RedisInbox
 from ._items import Item as Item
 from ._items import MemoryStore as MemoryStore
 from ._items import Namespace as Namespace
@@ -46,9 +51,11 @@ __all__ = (
     "CommitRequest",
     "ConflictError",
     "DEFAULT_PARTITIONS",
+    "DEPLOYMENT_PARTITIONS",
     "FENCE_CHECK_LUA",
     "FORMAT_VERSION",
     "FencedError",
+    "InboxEntry",
     "Item",
     "ItemCorruptError",
     "KeyLayout",
@@ -61,6 +68,7 @@ __all__ = (
     "PartitionLeases",
     "PartitionPlan",
     "PersistenceError",
+    "RedisInbox",
     "RedisSnapshotStore",
     "RedisStore",
     "SnapshotCorruptError",
@@ -73,8 +81,10 @@ __all__ = (
     "StoredThread",
     "ThreadJournal",
     "assign_partitions",
+    "deployment_layout",
     "fenced_script",
     "load_thread",
+    "open_redis",
     "open_snapshot_store",
     "partition_of",
     "partition_owner",

@@ -17,7 +17,9 @@ from threadline.persistence import open_snapshot_store as open_snapshot_store
 from ._client import LocalClient as LocalClient
 from ._client import ThreadClient as ThreadClient
 from ._door import Input as Input
+from ._remote import Client as Client
 from ._system import ActorSystem as ActorSystem
+from ._worker import Worker as Worker
 from .agent import Agent as Agent
 from .agent import AgentMiddleware as AgentMiddleware
 from .agent import ModelRequest as ModelRequest
@@ -62,6 +64,7 @@ __all__ = (
     "AgentMiddleware",
     "CallLimitState",
     "ChatModel",
+    "Client",
     "ContextEditingMiddleware",
     "DEFAULT_SUMMARY_PROMPT",
     "Input",
@@ -95,6 +98,7 @@ __all__ = (
     "ToolRetryMiddleware",
     "ToolRuntime",
     "TurnResult",
+    "Worker",
     "after_agent",
     "after_model",
     "before_agent",

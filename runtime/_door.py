@@ -25,7 +25,7 @@ from threadline.actors import (
 )
 from threadline.actors._api import Envelope, new_id
 
-from .agent import Agent
+from .agent._requests import ContextCodec
 
 S = TypeVar("S", bound=AgentState)
 
@@ -65,12 +65,23 @@ def check_message_id(message_id: object) -> str:
 
 
 class Door(Generic[S]):
-    """Turns what a sender hands in into envelopes for ``agent``'s threads."""
+    """Turns what a sender hands in into envelopes for threads of ``state_schema``.
+
+    ``context`` validates static context (the agent's ``context_schema``); a
+    sender that does not know the agent passes ``ContextCodec(None)``, and the
+    worker that runs the agent validates the context again at its own door.
+    """
 
     def __init__(
-        self, agent: Agent[S], *, max_message_bytes: int, max_thread_id_length: int
+        self,
+        state_schema: type[S],
+        context: ContextCodec,
+        *,
+        max_message_bytes: int,
+        max_thread_id_length: int,
     ) -> None:
-        self.agent = agent
+        self.state_schema = state_schema
+        self.context = context
         self.max_message_bytes = max_message_bytes
         self.max_thread_id_length = max_thread_id_length
         self._encoder = msgspec.msgpack.Encoder()
@@ -91,7 +102,7 @@ class Door(Generic[S]):
         self.thread_id(thread_id)
         message_id = new_id() if message_id is None else check_message_id(message_id)
         update = self._input_update(input, message_id)
-        raw_context = self.agent.context.dump(context)
+        raw_context = self.context.dump(context)
         size = len(self._encoder.encode(update)) + len(self._encoder.encode(raw_context))
         if size > self.max_message_bytes:
             raise MessageTooLargeError(
@@ -110,7 +121,7 @@ class Door(Generic[S]):
     def update(self, thread_id: str, update: Mapping[str, Any]) -> Envelope:
         """An ``update`` envelope: one step through the reducers, no turn."""
         self.thread_id(thread_id)
-        normalized = normalize_update(self.agent.state_schema, update, source="update_state")
+        normalized = normalize_update(self.state_schema, update, source="update_state")
         size = len(self._encoder.encode(normalized))
         if size > self.max_message_bytes:
             raise MessageTooLargeError(
@@ -129,4 +140,4 @@ class Door(Generic[S]):
             isinstance(input, Mapping) and ("role" in input or "type" in input)
         ):
             return {"messages": coerce_messages(input, first_id=message_id)}
-        return normalize_update(self.agent.state_schema, input, source="input", first_id=message_id)
+        return normalize_update(self.state_schema, input, source="input", first_id=message_id)

@@ -16,6 +16,7 @@ from threadline.actors import (
     SystemClosedError,
 )
 from threadline.actors._api import (
+    Acknowledge,
     ActorContext,
     MailboxStatistics,
     StepInfo,
@@ -52,6 +53,10 @@ class ActorSystem(Generic[S]):
     finishes in-flight turns (for up to ``shutdown_timeout`` seconds) and then
     cancels what is left, which stays durably parked at its last committed
     step and resumes on next activation.
+
+    ``acknowledge`` (for runtimes built on the system, such as a worker reading
+    a durable inbox) is awaited with each envelope once the step that consumed
+    it is committed.
     """
 
     def __init__(
@@ -67,6 +72,7 @@ class ActorSystem(Generic[S]):
         passivate_after: float = 300.0,
         keep_consumed: int = 128,
         shutdown_timeout: float = 30.0,
+        acknowledge: Acknowledge | None = None,
     ) -> None:
         if mailbox_capacity < 1 or max_message_bytes < 1 or keep_consumed < 1:
             raise ValueError("mailbox_capacity, max_message_bytes and keep_consumed must be >= 1")
@@ -75,7 +81,10 @@ class ActorSystem(Generic[S]):
         self.store = store
         self.codec: Codec[S] = Codec(agent.state_schema)
         self.door: Door[S] = Door(
-            agent, max_message_bytes=max_message_bytes, max_thread_id_length=max_thread_id_length
+            agent.state_schema,
+            agent.context,
+            max_message_bytes=max_message_bytes,
+            max_thread_id_length=max_thread_id_length,
         )
         self._passivate_after = passivate_after
         self._shutdown_timeout = shutdown_timeout
@@ -91,6 +100,7 @@ class ActorSystem(Generic[S]):
             spawn=self._spawn,
             capacity=mailbox_capacity,
             keep_consumed=keep_consumed,
+            acknowledge=acknowledge,
         )
         self.client: LocalClient[S] = LocalClient(self)
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -19,6 +20,7 @@ from threadline import (
     Agent,
     AgentState,
     AIMessage,
+    Client,
     HumanMessage,
     InvalidThreadIdError,
     LocalClient,
@@ -28,13 +30,14 @@ from threadline import (
     ThreadNotFoundError,
     ToolCall,
     TurnFailedError,
+    Worker,
     tool,
 )
 from threadline.actors import Envelope, coerce_messages, normalize_update
 
 pytestmark = pytest.mark.anyio
 
-CLIENT_KINDS = ("local",)
+CLIENT_KINDS = ("local", pytest.param("redis", marks=pytest.mark.redis))
 
 
 class Notes(AgentState):
@@ -66,8 +69,18 @@ async def client(
     if request.param == "local":
         async with ActorSystem(agent, snapshots=tmp_path / "threads.db") as system:
             yield system.client
-    else:  # pragma: no cover - the next client kinds plug in here
-        raise AssertionError(request.param)
+        return
+    # Over Redis: a worker serving the agent and a client, sharing only Redis.
+    server = request.getfixturevalue("redis_server")
+    prefix = request.getfixturevalue("redis_prefix")
+    async with (
+        Worker(agent, server.url, prefix=prefix, partitions=8, lease_ttl=1.0) as worker,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(worker.serve)
+        async with Client(server.url, state_schema=Notes, prefix=prefix) as remote:
+            yield remote
+        tg.cancel_scope.cancel()
 
 
 async def test_the_client_satisfies_the_protocol(client: ThreadClient[Any]) -> None:

@@ -40,6 +40,7 @@ from threadline.actors import ModelError as ModelError
 from threadline.actors import ModelHTTPError as ModelHTTPError
 from threadline.actors import ModelResponseError as ModelResponseError
 from threadline.actors import ModelTimeoutError as ModelTimeoutError
+from threadline.actors import OverloadedError as OverloadedError
 from threadline.actors import PersistenceError as PersistenceError
 from threadline.actors import RemoveMessage as RemoveMessage
 from threadline.actors import SnapshotCorruptError as SnapshotCorruptError
@@ -67,6 +68,7 @@ from threadline.runtime import ActorSystem as ActorSystem
 from threadline.runtime import Agent as Agent
 from threadline.runtime import AgentMiddleware as AgentMiddleware
 from threadline.runtime import ChatModel as ChatModel
+from threadline.runtime import Client as Client
 from threadline.runtime import LocalClient as LocalClient
 from threadline.runtime import ModelRequest as ModelRequest
 from threadline.runtime import OpenAIChatModel as OpenAIChatModel
@@ -80,6 +82,7 @@ from threadline.runtime import ThreadSnapshot as ThreadSnapshot
 from threadline.runtime import ToolCallRequest as ToolCallRequest
 from threadline.runtime import ToolRuntime as ToolRuntime
 from threadline.runtime import TurnResult as TurnResult
+from threadline.runtime import Worker as Worker
 from threadline.runtime import after_agent as after_agent
 from threadline.runtime import after_model as after_model
 from threadline.runtime import before_agent as before_agent
@@ -106,6 +109,7 @@ __all__ = (
     "BaseMessage",
     "CallLimitExceededError",
     "ChatModel",
+    "Client",
     "Command",
     "ConflictError",
     "FencedError",
@@ -130,6 +134,7 @@ __all__ = (
     "ModelResponseError",
     "ModelTimeoutError",
     "OpenAIChatModel",
+    "OverloadedError",
     "PersistenceError",
     "REMOVE_ALL_MESSAGES",
     "RedisSnapshotStore",
@@ -160,6 +165,7 @@ __all__ = (
     "ToolRuntime",
     "TurnFailedError",
     "TurnResult",
+    "Worker",
     "add_messages",
     "after_agent",
     "after_model",

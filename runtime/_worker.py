@@ -1,0 +1,348 @@
+"""``Worker``: runs thread actors for a share of the partitions of a Redis deployment.
+
+Threads hash to P fixed partitions (``crc32(thread_id) % P``). Each partition
+has one inbox (a Redis stream) and one lease with a fencing epoch; a worker
+reads the inboxes of the partitions it leases and runs their threads in an
+``ActorSystem`` over the Redis snapshot store. Every tick it renews its
+leases, heartbeats its membership and follows the placement plan (rendezvous
+hashing with bounded loads over the live workers): it acquires the
+partitions it should own and hands back, at a step boundary, those it should
+not. A crashed worker's partitions are acquired by others once its leases
+expire; entries it had read but not acknowledged are claimed first, in
+stream order, so per-thread order survives the takeover.
+
+An entry is acknowledged (``XACK`` + ``XDEL``) only once the step that consumed
+it is committed. A worker that dies between the commit and the acknowledgement
+leaves the entry pending; its next owner redelivers it, and the thread's
+record of recently consumed message ids answers it as a duplicate: applied
+once. Two workers that briefly both run a thread (a paused owner waking after
+its lease expired) cannot fork it: activating a thread bumps its fencing
+epoch, so the older owner's next commit fails with ``FencedError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import uuid
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from threadline.actors import (
+    AgentState,
+    FencedError,
+    InvalidInputError,
+    PersistenceError,
+    normalize_update,
+)
+from threadline.actors._api import Envelope, Reply, get_logger
+from threadline.persistence import (
+    InboxEntry,
+    KeyLayout,
+    Lease,
+    Membership,
+    PartitionLeases,
+    RedisInbox,
+    RedisSnapshotStore,
+    deployment_layout,
+    open_redis,
+    plan_partitions,
+)
+
+from ._system import ActorSystem
+from ._wire import ReplyEvent, decode_envelope, encode_event, error_event
+from .agent import Agent
+
+S = TypeVar("S", bound=AgentState)
+
+
+class RemoteReply(Reply):
+    """The reply of an envelope whose sender waits on a reply stream.
+
+    Stream parts and the outcome become ``ReplyEvent`` records on the worker's
+    publish queue; one task appends them to the stream in order.
+    """
+
+    __slots__ = ("_key", "_queue")
+
+    def __init__(
+        self,
+        key: str,
+        queue: MemoryObjectSendStream[tuple[str, bytes]],
+        modes: frozenset[str],
+    ) -> None:
+        super().__init__(modes=modes)
+        self._key = key
+        self._queue = queue
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.modes)
+
+    def _send(self, event: ReplyEvent) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._queue.send_nowait((self._key, encode_event(event)))
+
+    def emit(self, mode: str, part: Any) -> None:
+        if mode in self.modes:
+            self._send(ReplyEvent(event=mode, data=part.data, version=part.version))
+
+    def resolve(self, value: Any) -> None:
+        if not self.settled:
+            self._send(ReplyEvent(event="end", data=value))
+        super().resolve(value)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.settled:
+            self._send(error_event(error))
+        super().fail(error)
+
+
+class Worker(Generic[S]):
+    """Serves ``agent``'s threads from a Redis deployment, with other workers.
+
+    ``async with Worker(agent, "redis://...") as worker: await worker.serve()``
+    (or ``threadline worker --redis URL --app module:agent``). ``partitions``
+    is fixed when the deployment is first used (default 64) and read from it
+    afterwards; ``lease_ttl`` (seconds) bounds how long a crashed worker's
+    partitions wait for a new owner. Other keyword arguments go to the
+    worker's ``ActorSystem`` (``mailbox_capacity``, ``shutdown_timeout``, ...).
+    """
+
+    def __init__(
+        self,
+        agent: Agent[S],
+        url: str,
+        *,
+        prefix: str = "tl",
+        partitions: int | None = None,
+        lease_ttl: float = 10.0,
+        worker_id: str | None = None,
+        **system_options: Any,
+    ) -> None:
+        if not lease_ttl > 0:
+            raise ValueError(f"lease_ttl must be positive, got {lease_ttl!r}")
+        self.agent = agent
+        self.url = url
+        self.prefix = prefix
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._partitions = partitions
+        self._ttl_ms = max(int(lease_ttl * 1000), 50)
+        self._system_options = system_options
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._leases: dict[int, Lease] = {}
+        self._readers: dict[int, anyio.CancelScope] = {}
+        self._inflight: dict[tuple[str, str], tuple[int, str]] = {}
+        self._log: Any = get_logger().bind(worker=self.worker_id)
+        self.layout: KeyLayout | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(open_redis(self.url, "Worker"))
+            # Blocking inbox reads hold a connection each: a pool of their own.
+            readers = await stack.enter_async_context(
+                open_redis(self.url, "Worker inbox reads", max_connections=1024)
+            )
+            self.layout = await deployment_layout(client, self.prefix, self._partitions)
+            self._inbox = RedisInbox(client, self.layout)
+            self._reads = RedisInbox(readers, self.layout)
+            self._lease_table = PartitionLeases(client, layout=self.layout)
+            self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
+            send, receive = anyio.create_memory_object_stream[tuple[str, bytes]](math.inf)
+            self._publish_queue = send
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            tg.start_soon(self._publisher, receive, name="threadline worker replies")
+            # Exit order (last in, first out): the system finishes its in-flight
+            # steps (their replies are queued), then the leases go back and the
+            # publisher drains the queue, then the connections close.
+            stack.push_async_callback(self._leave)
+            store = RedisSnapshotStore(client, prefix=self.prefix)
+            self.system: ActorSystem[S] = ActorSystem(
+                self.agent,
+                snapshots=store,
+                acknowledge=self._acknowledge,
+                **self._system_options,
+            )
+            await stack.enter_async_context(self.system)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._stack is not None
+        stack, self._stack = self._stack, None
+        await stack.__aexit__(exc_type, exc, tb)
+
+    async def _leave(self) -> None:
+        """Hand every partition back (after the system finished its steps)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            for scope in self._readers.values():
+                scope.cancel()
+            for lease in list(self._leases.values()):
+                with contextlib.suppress(PersistenceError):
+                    await self._lease_table.release(lease)
+            self._leases.clear()
+            with contextlib.suppress(PersistenceError):
+                await self._membership.leave(self.worker_id)
+            self._publish_queue.close()
+            self._log.info("worker.left")
+
+    async def serve(self) -> None:
+        """Own partitions and run their threads until cancelled."""
+        assert self.layout is not None, "use 'async with Worker(...)' first"
+        tick = self._ttl_ms / 5000
+        async with anyio.create_task_group() as tg:
+            self._serving = tg
+            while True:
+                try:
+                    await self._tick(tg)
+                except PersistenceError as exc:
+                    self._log.warning("worker.tick_failed", error=str(exc))
+                await anyio.sleep(tick)
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this worker holds leases for."""
+        return sorted(self._leases)
+
+    # -- leases and placement ------------------------------------------------------
+
+    async def _tick(self, tg: TaskGroup) -> None:
+        assert self.layout is not None
+        await self._membership.heartbeat(self.worker_id)
+        for partition, lease in list(self._leases.items()):
+            try:
+                renewed = await self._lease_table.renew(lease)
+            except FencedError:
+                renewed = None
+            if renewed is None:
+                self._lost(partition, "renew refused")
+            else:
+                self._leases[partition] = renewed
+        workers = await self._membership.live_workers()
+        plan = plan_partitions(
+            set(self._leases), self.layout.partitions, workers, self.worker_id, limit=16
+        )
+        for partition in plan.release:
+            await self._release(partition)
+        for partition in plan.acquire:
+            granted = await self._lease_table.acquire(partition, self.worker_id)
+            if granted is not None:
+                self._leases[partition] = granted
+                self._log.info("lease.acquired", partition=partition, epoch=granted.epoch)
+                tg.start_soon(self._read, partition, granted, name=f"threadline inbox {partition}")
+
+    def _lost(self, partition: int, why: str) -> None:
+        self._leases.pop(partition, None)
+        scope = self._readers.pop(partition, None)
+        if scope is not None:
+            scope.cancel()
+        self._log.warning("lease.lost", partition=partition, reason=why)
+
+    async def _release(self, partition: int) -> None:
+        scope = self._readers.pop(partition, None)
+        if scope is not None:
+            scope.cancel()
+        lease = self._leases.pop(partition, None)
+        if lease is not None:
+            await self._lease_table.release(lease)
+            self._log.info("partition.moved", partition=partition, epoch=lease.epoch)
+
+    # -- the inbox of one partition ---------------------------------------------------
+
+    async def _read(self, partition: int, lease: Lease) -> None:
+        with anyio.CancelScope() as scope:
+            self._readers[partition] = scope
+            try:
+                await self._reads.ensure_group(partition)
+                # What a previous owner read and did not acknowledge comes first.
+                for entry in await self._reads.claim(partition, self.worker_id):
+                    await self._dispatch(partition, entry)
+                while self._leases.get(partition) is not None:
+                    for entry in await self._reads.read(partition, self.worker_id):
+                        await self._dispatch(partition, entry)
+            except PersistenceError as exc:
+                self._log.warning("inbox.read_failed", partition=partition, error=str(exc))
+                # The tick renews or loses the lease; a lost read is retried by
+                # reading again from the claim step.
+                if self._leases.get(partition) is lease:
+                    self._leases.pop(partition, None)
+                    with contextlib.suppress(PersistenceError):
+                        await self._lease_table.release(lease)
+        if self._readers.get(partition) is scope:
+            del self._readers[partition]
+
+    async def _dispatch(self, partition: int, entry: InboxEntry) -> None:
+        try:
+            envelope = decode_envelope(entry.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self._dead_letter(partition, entry, f"undecodable envelope: {exc}", None)
+            return
+        reply: Reply | None = None
+        if envelope.reply_to is not None:
+            reply = RemoteReply(envelope.reply_to, self._publish_queue, frozenset(envelope.modes))
+        try:
+            envelope = self._validate(envelope)
+        except InvalidInputError as exc:
+            await self._dead_letter(partition, entry, f"invalid: {exc}", reply)
+            if reply is not None:
+                reply.fail(exc)
+            return
+        self._inflight[(envelope.thread_id, envelope.message_id)] = (partition, entry.entry_id)
+        await self.system.route(envelope.thread_id).put(envelope, reply)
+
+    def _validate(self, envelope: Envelope) -> Envelope:
+        """The worker's own door: the update arrived as builtins."""
+        self.system.door.thread_id(envelope.thread_id)
+        if envelope.kind == "delete":
+            return envelope
+        schema = self.agent.state_schema
+        update = normalize_update(
+            schema, envelope.update, source="inbox", first_id=envelope.message_id
+        )
+        context = self.agent.context.dump(envelope.context) if envelope.kind == "input" else None
+        return msgspec.structs.replace(envelope, update=update, context=context)
+
+    async def _dead_letter(
+        self, partition: int, entry: InboxEntry, reason: str, reply: Reply | None
+    ) -> None:
+        self._log.warning(
+            "message.dead_lettered", partition=partition, entry=entry.entry_id, reason=reason
+        )
+        await self._inbox.dead_letter(partition, entry.entry_id, reason)
+
+    async def _acknowledge(self, envelope: Envelope) -> None:
+        where = self._inflight.pop((envelope.thread_id, envelope.message_id), None)
+        if where is not None:
+            partition, entry_id = where
+            await self._inbox.ack(partition, [entry_id])
+
+    async def _publisher(self, receive: MemoryObjectReceiveStream[tuple[str, bytes]]) -> None:
+        """Append reply events in order, batching what is queued."""
+        async with receive:
+            async for key, payload in receive:
+                batch: dict[str, list[bytes]] = {key: [payload]}
+                while True:
+                    try:
+                        key, payload = receive.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    batch.setdefault(key, []).append(payload)
+                for reply_key, events in batch.items():
+                    try:
+                        await self._inbox.publish(reply_key, events)
+                    except PersistenceError as exc:
+                        self._log.warning("reply.publish_failed", key=reply_key, error=str(exc))
