@@ -731,6 +731,9 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
         for thread_id in ids:
             epoch = await store.acquire(thread_id)
             await store.commit(req(thread_id, 0, epoch, full=b"full"))
+            for mid in ("m1", "m2", "m3"):
+                await store.enqueue(thread_id, mid, b"envelope")
+            await store.dead_letter(thread_id, "m2", "bad")
     raw = redis.asyncio.Redis.from_url(redis_server.url)
     try:
         keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}:*", count=1000)]
@@ -746,7 +749,9 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
     assert set(by_tag) == {_escape(thread_id) for thread_id in ids}
     for thread_id in ids:
         base = f"{redis_prefix}:t:{{{_escape(thread_id)}}}"
-        assert by_tag[_escape(thread_id)] == {f"{base}:head", f"{base}:steps", f"{base}:full"}
+        assert by_tag[_escape(thread_id)] == {
+            f"{base}:{name}" for name in ("head", "steps", "full", "inbox", "told", "dead")
+        }
 
 
 @pytest.mark.redis
@@ -811,6 +816,14 @@ async def test_redis_reloads_flushed_scripts(redis_server: Any, open_store: Open
         assert loaded.steps == [step("t", 1), step("t", 2)]
         await _flush_scripts(redis_server.url)
         assert await store.delete("t") is True
+        for mid in ("a", "b", "c"):
+            await _flush_scripts(redis_server.url)
+            await store.enqueue("t", mid, mid.encode())
+        await _flush_scripts(redis_server.url)
+        assert await store.dequeue("t", "a") is True
+        await _flush_scripts(redis_server.url)
+        assert await store.dead_letter("t", "b", "bad") is True
+        assert await store.pending("t") == [InboxEntry("c", b"c")]
 
 
 @pytest.mark.redis
