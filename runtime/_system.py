@@ -284,6 +284,9 @@ class ActorSystem(Generic[S]):
             except PersistenceError as exc:
                 log.warning("recovery.failed", error=str(exc))
                 return
+            except Exception:  # a store that breaks its protocol must not stop the system
+                log.exception("recovery.failed")
+                return
             for thread in found:
                 self._held[thread.thread_id] = anyio.Event()
             self._scanned.set()
@@ -298,6 +301,9 @@ class ActorSystem(Generic[S]):
                     log.warning(
                         "recovery.thread_failed", thread_id=thread.thread_id, error=str(exc)
                     )
+                except Exception:
+                    self._release(thread.thread_id, held)
+                    log.exception("recovery.thread_failed", thread_id=thread.thread_id)
             if found:
                 log.info("recovery.queued", threads=len(found))
         finally:
