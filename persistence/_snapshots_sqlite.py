@@ -422,28 +422,25 @@ class SqliteSnapshotStore(Reentrant):
     ) -> list[BaseException | None]:
         """Append to the inboxes inside the open transaction; one result each.
 
-        One statement for the batch; if some envelope cannot be stored, one
-        savepoint per request, so it fails alone.
+        One statement for the batch. If some envelope cannot be stored, the
+        rows go again one by one: a failed statement undoes only itself, and
+        the rows the first attempt stored are ignored the second time (same
+        ids), so only that request fails.
         """
         if not batch:
             return []
         rows = [(r.thread_id, r.message_id, r.envelope, now) for r in batch]
-        await conn.execute("SAVEPOINT enqueues")
         try:
             await conn.executemany(_ENQUEUE, rows)
         except _REQUEST_ERRORS:
-            await conn.execute("ROLLBACK TO enqueues")
+            pass
         else:
-            await conn.execute("RELEASE enqueues")
             return [None] * len(batch)
-        await conn.execute("RELEASE enqueues")
         results: list[BaseException | None] = []
         for r, row in zip(batch, rows, strict=True):
-            await conn.execute("SAVEPOINT enqueue")
             try:
                 await conn.execute(_ENQUEUE, row)
             except _REQUEST_ERRORS as exc:
-                await conn.execute("ROLLBACK TO enqueue")
                 error = StoreUnavailableError(
                     f"{self._db.path!r} cannot store message {r.message_id!r}"
                     f" for thread {r.thread_id!r}: {exc}"
@@ -452,7 +449,6 @@ class SqliteSnapshotStore(Reentrant):
                 results.append(error)
             else:
                 results.append(None)
-            await conn.execute("RELEASE enqueue")
         return results
 
     async def _commit_batch(
