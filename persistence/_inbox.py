@@ -23,6 +23,9 @@ __all__ = ["ENVELOPE", "decode_envelope", "encode_envelope"]
 ENVELOPE: Final = b"E"
 """The frame kind of an inbox entry."""
 
+# What decoding stored bytes can raise (RecursionError: nested too deep).
+_UNDECODABLE: Final = (msgspec.DecodeError, RecursionError, TypeError, ValueError, OverflowError)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Envelope)
 
@@ -46,8 +49,10 @@ def decode_envelope(
     payload = unframe(data, ENVELOPE, what=what)
     try:
         envelope = _decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise SnapshotCorruptError(f"{what}: cannot decode the envelope: {exc}") from exc
+    except _UNDECODABLE as exc:
+        raise SnapshotCorruptError(
+            f"{what}: cannot decode the envelope: {type(exc).__name__}: {exc}"
+        ) from exc
     if (envelope.thread_id, envelope.message_id) != (thread_id, message_id):
         raise SnapshotCorruptError(
             f"{what}: holds message {envelope.message_id!r} of thread {envelope.thread_id!r}"

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from threadline.actors import HumanMessage
 from threadline.actors._api import Envelope
 from threadline.persistence import SnapshotStore, encode_envelope
+from threadline.persistence._codec import frame
+from threadline.persistence._inbox import ENVELOPE
 from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel
 
 from ._inbox_worker import open_store
@@ -269,11 +272,12 @@ async def test_an_undecodable_inbox_entry_is_dead_lettered_and_the_thread_goes_o
         await store.enqueue("t", "schema", encode_envelope(wrong))
         elsewhere = system.door.input("other", "misfiled", message_id="misfiled")
         await store.enqueue("t", "misfiled", encode_envelope(elsewhere))
+        await store.enqueue("t", "deep", _nested_too_deep("t", "deep"))
         await store.enqueue("t", "good", encode_envelope(good))
         async with system:
             await eventually(lambda: _consumed_is(system, "t", ["good"]))
             dead = {d.message_id: d.reason for d in await store.dead_letters("t")}
-            assert set(dead) == {"garbage", "crc", "schema", "misfiled"}
+            assert set(dead) == {"garbage", "crc", "schema", "misfiled", "deep"}
             assert "checksum" in dead["crc"]
             assert "nope" in dead["schema"]
             assert "other" in dead["misfiled"]
@@ -281,6 +285,21 @@ async def test_an_undecodable_inbox_entry_is_dead_lettered_and_the_thread_goes_o
             result = await system.ask("t", "and the next one")
             assert result.text == "echo: and the next one"
             assert await consumed(system, "t") == ["good", result.message_id]
+
+
+def _nested_too_deep(thread_id: str, message_id: str) -> bytes:
+    """An intact entry whose update nests 100,000 lists deep."""
+    sentinel = "SENTINEL-0123456789"
+    payload = msgspec.msgpack.encode(
+        {
+            "kind": "input",
+            "message_id": message_id,
+            "thread_id": thread_id,
+            "update": {"messages": sentinel},
+        }
+    )
+    deep = b"\x91" * 100_000 + b"\xc0"  # [[[...[None]...]]]
+    return frame(ENVELOPE, payload.replace(msgspec.msgpack.encode(sentinel), deep))
 
 
 async def _consumed_is(system: ActorSystem[Any], thread_id: str, ids: list[str]) -> bool:
