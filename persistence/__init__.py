@@ -11,6 +11,8 @@ from threadline.actors import StoreUnavailableError as StoreUnavailableError
 
 from ._codec import FORMAT_VERSION as FORMAT_VERSION
 from ._codec import Codec as Codec
+from ._inbox import decode_envelope as decode_envelope
+from ._inbox import encode_envelope as encode_envelope
 from ._items import Item as Item
 from ._items import MemoryStore as MemoryStore
 from ._items import Namespace as Namespace
@@ -35,7 +37,10 @@ from ._placement import assign_partitions as assign_partitions
 from ._placement import partition_owner as partition_owner
 from ._placement import plan_partitions as plan_partitions
 from ._snapshots import CommitRequest as CommitRequest
+from ._snapshots import DeadLetter as DeadLetter
+from ._snapshots import InboxEntry as InboxEntry
 from ._snapshots import MemorySnapshotStore as MemorySnapshotStore
+from ._snapshots import RecoverableThread as RecoverableThread
 from ._snapshots import SnapshotStore as SnapshotStore
 from ._snapshots import StoredThread as StoredThread
 from ._snapshots_redis import RedisSnapshotStore as RedisSnapshotStore
@@ -46,9 +51,11 @@ __all__ = (
     "CommitRequest",
     "ConflictError",
     "DEFAULT_PARTITIONS",
+    "DeadLetter",
     "FENCE_CHECK_LUA",
     "FORMAT_VERSION",
     "FencedError",
+    "InboxEntry",
     "Item",
     "ItemCorruptError",
     "KeyLayout",
@@ -61,6 +68,7 @@ __all__ = (
     "PartitionLeases",
     "PartitionPlan",
     "PersistenceError",
+    "RecoverableThread",
     "RedisSnapshotStore",
     "RedisStore",
     "SnapshotCorruptError",
@@ -73,6 +81,8 @@ __all__ = (
     "StoredThread",
     "ThreadJournal",
     "assign_partitions",
+    "decode_envelope",
+    "encode_envelope",
     "fenced_script",
     "load_thread",
     "open_snapshot_store",
