@@ -26,7 +26,14 @@ import redis
 import structlog
 
 from threadline.actors import AIMessage
-from threadline.persistence import CommitRequest, SnapshotStore, StoredThread
+from threadline.persistence import (
+    CommitRequest,
+    DeadLetter,
+    InboxEntry,
+    RecoverableThread,
+    SnapshotStore,
+    StoredThread,
+)
 from threadline.runtime import ModelRequest
 
 REPLY = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]
@@ -83,6 +90,24 @@ class CountingStore:
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         return await self.inner.delete(thread_id, epoch=epoch)
+
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        await self.inner.enqueue(thread_id, message_id, envelope)
+
+    async def pending(self, thread_id: str) -> list[InboxEntry]:
+        return await self.inner.pending(thread_id)
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        return await self.inner.dequeue(thread_id, message_id)
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        return await self.inner.dead_letter(thread_id, message_id, reason)
+
+    async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
+        return await self.inner.dead_letters(thread_id)
+
+    async def recoverable_threads(self) -> list[RecoverableThread]:
+        return await self.inner.recoverable_threads()
 
 
 def _free_port() -> int:

@@ -14,8 +14,11 @@ from ._codec import Codec as Codec
 from ._deployment import DEPLOYMENT_PARTITIONS as DEPLOYMENT_PARTITIONS
 from ._deployment import deployment_layout as deployment_layout
 from ._deployment import open_redis as open_redis
-from ._inbox_redis import InboxEntry as InboxEntry
+from ._inbox import decode_envelope as decode_envelope
+from ._inbox import encode_envelope as encode_envelope
+from ._inbox import read_envelope as read_envelope
 from ._inbox_redis import RedisInbox as RedisInbox
+from ._inbox_redis import StreamEntry as StreamEntry
 from ._items import Item as Item
 from ._items import MemoryStore as MemoryStore
 from ._items import Namespace as Namespace
@@ -40,7 +43,10 @@ from ._placement import assign_partitions as assign_partitions
 from ._placement import partition_owner as partition_owner
 from ._placement import plan_partitions as plan_partitions
 from ._snapshots import CommitRequest as CommitRequest
+from ._snapshots import DeadLetter as DeadLetter
+from ._snapshots import InboxEntry as InboxEntry
 from ._snapshots import MemorySnapshotStore as MemorySnapshotStore
+from ._snapshots import RecoverableThread as RecoverableThread
 from ._snapshots import SnapshotStore as SnapshotStore
 from ._snapshots import StoredThread as StoredThread
 from ._snapshots_redis import RedisSnapshotStore as RedisSnapshotStore
@@ -52,6 +58,7 @@ __all__ = (
     "ConflictError",
     "DEFAULT_PARTITIONS",
     "DEPLOYMENT_PARTITIONS",
+    "DeadLetter",
     "FENCE_CHECK_LUA",
     "FORMAT_VERSION",
     "FencedError",
@@ -68,6 +75,7 @@ __all__ = (
     "PartitionLeases",
     "PartitionPlan",
     "PersistenceError",
+    "RecoverableThread",
     "RedisInbox",
     "RedisSnapshotStore",
     "RedisStore",
@@ -79,9 +87,12 @@ __all__ = (
     "Store",
     "StoreUnavailableError",
     "StoredThread",
+    "StreamEntry",
     "ThreadJournal",
     "assign_partitions",
+    "decode_envelope",
     "deployment_layout",
+    "encode_envelope",
     "fenced_script",
     "load_thread",
     "open_redis",
@@ -89,5 +100,6 @@ __all__ = (
     "partition_of",
     "partition_owner",
     "plan_partitions",
+    "read_envelope",
     "read_history",
 )

@@ -90,7 +90,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class InboxEntry(msgspec.Struct, frozen=True):
+class StreamEntry(msgspec.Struct, frozen=True):
     """One entry of a partition inbox: its stream id and the encoded envelope."""
 
     entry_id: str
@@ -162,11 +162,11 @@ class RedisInbox:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def claim(self, partition: int, consumer: str) -> list[InboxEntry]:
+    async def claim(self, partition: int, consumer: str) -> list[StreamEntry]:
         """Every entry read but not acknowledged (by a previous owner, or by us),
         moved to ``consumer``, in stream order."""
         inbox = self.keys(partition).inbox
-        entries: list[InboxEntry] = []
+        entries: list[StreamEntry] = []
         start = "0-0"
         while True:
             with mapped("inbox claim"):
@@ -180,7 +180,7 @@ class RedisInbox:
 
     async def read(
         self, partition: int, consumer: str, *, count: int = 100, block_ms: int = 500
-    ) -> list[InboxEntry]:
+    ) -> list[StreamEntry]:
         """New entries for ``consumer`` (waits up to ``block_ms`` for one)."""
         inbox = self.keys(partition).inbox
         with mapped("inbox read"):
@@ -192,13 +192,13 @@ class RedisInbox:
         return self._entries(reply[0][1])
 
     @staticmethod
-    def _entries(raw: Sequence[Any]) -> list[InboxEntry]:
+    def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
         out = []
         for entry_id, fields in raw:
             if fields is None:  # deleted while pending
                 continue
             payload = fields.get(b"e", b"") if isinstance(fields, dict) else b""
-            out.append(InboxEntry(_text(entry_id), payload))
+            out.append(StreamEntry(_text(entry_id), payload))
         return out
 
     async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:

@@ -103,13 +103,35 @@ class ThreadJournal(Generic[S]):
     state's size in steps (replay decoding is what a cold load spends its time
     on). Older full records are dropped, so the stored size stays about the
     steps plus one state.
+
+    ``inboxed`` is the owner's set of ``(thread_id, message_id)`` of messages
+    in the store's inbox and not yet consumed: a step that consumes one of
+    them removes its inbox entry in the same commit (and it leaves the set).
+    Every commit also tells the store which turn is in flight after it, so a
+    restarted system finds parked turns without reading records.
     """
 
-    __slots__ = ("_codec", "_full_size", "_log_bytes", "_store", "epoch", "thread_id", "version")
+    __slots__ = (
+        "_codec",
+        "_full_size",
+        "_inboxed",
+        "_log_bytes",
+        "_store",
+        "epoch",
+        "thread_id",
+        "version",
+    )
 
-    def __init__(self, store: SnapshotStore, codec: Codec[S], thread_id: str) -> None:
+    def __init__(
+        self,
+        store: SnapshotStore,
+        codec: Codec[S],
+        thread_id: str,
+        inboxed: set[tuple[str, str]] | None = None,
+    ) -> None:
         self._store = store
         self._codec = codec
+        self._inboxed = inboxed
         self.thread_id = thread_id
         self.version = 0
         self.epoch = 0
@@ -161,6 +183,11 @@ class ThreadJournal(Generic[S]):
             full = self._codec.encode_full(
                 FullRecord(version=version, state=state, consumed=list(recent), ts=now, turn=turn)
             )
+        dequeue: tuple[str, str] | None = None
+        if consumed is not None and self._inboxed:
+            key = (self.thread_id, consumed)
+            if key in self._inboxed:
+                dequeue = key
         await self._store.commit(
             CommitRequest(
                 thread_id=self.thread_id,
@@ -168,8 +195,12 @@ class ThreadJournal(Generic[S]):
                 epoch=self.epoch,
                 step=step,
                 full=full,
+                consumed=None if dequeue is None else consumed,
+                turn=None if turn is None else turn.message_id,
             )
         )
+        if dequeue is not None and self._inboxed is not None:
+            self._inboxed.discard(dequeue)
         self.version = version
         if full is None:
             self._log_bytes += len(step)

@@ -8,10 +8,20 @@ writer built on and on its epoch, so two owners can never fork a thread.
 
 Deleting a thread leaves a tombstone head (version 0, epoch bumped) so a
 writer that still holds the old epoch stays fenced out.
+
+A store also keeps each thread's **inbox**: the messages told to it
+(``enqueue``, grouped with the commits) and not yet consumed, in the order
+they arrived. The step that consumes one removes it in the same commit
+(``CommitRequest.consumed``), and the head remembers which turn is in flight
+(``CommitRequest.turn``), so a restarted system finds every thread with work
+left (``recoverable_threads``) without reading any record. An inbox entry that
+cannot be decoded is moved aside with its reason (``dead_letter``). Deleting a
+thread leaves its inbox alone: what was told after the delete still counts.
 """
 
 from __future__ import annotations
 
+import time
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -46,6 +56,10 @@ class CommitRequest(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int
     step: bytes
     full: bytes | None = None
+    consumed: str | None = None
+    """The id of the inbox entry this step consumed: removed in the same commit."""
+    turn: str | None = None
+    """The message id of the turn still in flight after this step (None: no turn)."""
 
 
 class AcquireRequest(msgspec.Struct, frozen=True):
@@ -53,6 +67,39 @@ class AcquireRequest(msgspec.Struct, frozen=True):
     the commits, so a burst of activations shares their round trips)."""
 
     thread_id: str
+
+
+class EnqueueRequest(msgspec.Struct, frozen=True):
+    """Append ``envelope`` to the inbox of ``thread_id`` unless ``message_id`` is there
+    (stores that group-commit queue it with the commits: one transaction for many)."""
+
+    thread_id: str
+    message_id: str
+    envelope: bytes
+
+
+class InboxEntry(msgspec.Struct, frozen=True):
+    """A message told to a thread and not consumed yet: its id and encoded envelope."""
+
+    message_id: str
+    envelope: bytes
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """An inbox entry moved aside (it could not be decoded), with the reason."""
+
+    message_id: str
+    envelope: bytes
+    reason: str
+    ts: float
+
+
+class RecoverableThread(msgspec.Struct, frozen=True, kw_only=True):
+    """A thread with work left: inbox entries, a turn in flight (``turn``), or both."""
+
+    thread_id: str
+    turn: str | None = None
+    """The message id of the turn the head says is in flight (None: no turn)."""
 
 
 @runtime_checkable
@@ -106,7 +153,38 @@ class SnapshotStore(Protocol):
         """Drop the thread's records, leaving a tombstone with a bumped epoch.
 
         With ``epoch``, fenced like a commit. Returns whether the thread had steps.
+        The inbox is kept.
         """
+        ...
+
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        """Durably append a message to the thread's inbox; return only once it is durable.
+
+        Idempotent: if ``message_id`` is already in the inbox nothing changes
+        (a message already consumed and removed is appended again; its
+        consumer recognizes the id). Raises ``StoreUnavailableError`` if the
+        backend failed (the outcome is then unknown: enqueue again).
+        """
+        ...
+
+    async def pending(self, thread_id: str) -> list[InboxEntry]:
+        """The thread's inbox, oldest first."""
+        ...
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        """Remove an inbox entry consumed without a commit (a duplicate); whether it was there."""
+        ...
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        """Move an inbox entry aside, to the dead letters, with ``reason``; whether it was there."""
+        ...
+
+    async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
+        """The thread's dead letters, oldest first."""
+        ...
+
+    async def recoverable_threads(self) -> list[RecoverableThread]:
+        """Every thread with inbox entries or a turn in flight, sorted by id."""
         ...
 
 
@@ -149,13 +227,14 @@ def check_records(thread_id: str, stored_version: int | None, last_step: int) ->
 
 
 class _MemoryThread:
-    __slots__ = ("epoch", "full", "full_version", "steps")
+    __slots__ = ("epoch", "full", "full_version", "steps", "turn")
 
     def __init__(self) -> None:
         self.epoch = 0
         self.steps: list[bytes] = []
         self.full: bytes | None = None
         self.full_version = 0
+        self.turn: str | None = None
 
 
 class MemorySnapshotStore(Reentrant):
@@ -168,6 +247,9 @@ class MemorySnapshotStore(Reentrant):
 
     def __init__(self) -> None:
         self._threads: dict[str, _MemoryThread] = {}
+        # Per thread, message id -> envelope in arrival order (dicts keep it).
+        self._inbox: dict[str, dict[str, bytes]] = {}
+        self._dead: dict[str, list[DeadLetter]] = {}
 
     async def acquire(self, thread_id: str) -> int:
         t = self._threads.get(thread_id)
@@ -199,9 +281,12 @@ class MemorySnapshotStore(Reentrant):
         )
         assert t is not None
         t.steps.append(request.step)
+        t.turn = request.turn
         if request.full is not None:
             t.full = request.full
             t.full_version = len(t.steps)
+        if request.consumed is not None:
+            self._remove(request.thread_id, request.consumed)
 
     async def read_steps(
         self, thread_id: str, start: int = 1, stop: int | None = None
@@ -221,6 +306,47 @@ class MemorySnapshotStore(Reentrant):
         if epoch is not None:
             check_fence(thread_id, t.epoch, epoch)
         existed = bool(t.steps)
-        t.steps, t.full, t.full_version = [], None, 0
+        t.steps, t.full, t.full_version, t.turn = [], None, 0, None
         t.epoch += 1
         return existed
+
+    # -- the inbox -----------------------------------------------------------
+
+    def _remove(self, thread_id: str, message_id: str) -> bytes | None:
+        inbox = self._inbox.get(thread_id)
+        if inbox is None:
+            return None
+        envelope = inbox.pop(message_id, None)
+        if not inbox:
+            del self._inbox[thread_id]
+        return envelope
+
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        self._inbox.setdefault(thread_id, {}).setdefault(message_id, envelope)
+
+    async def pending(self, thread_id: str) -> list[InboxEntry]:
+        return [InboxEntry(mid, env) for mid, env in self._inbox.get(thread_id, {}).items()]
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        return self._remove(thread_id, message_id) is not None
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        envelope = self._remove(thread_id, message_id)
+        if envelope is None:
+            return False
+        dead = self._dead.setdefault(thread_id, [])
+        dead[:] = [d for d in dead if d.message_id != message_id]
+        dead.append(
+            DeadLetter(message_id=message_id, envelope=envelope, reason=reason, ts=time.time())
+        )
+        return True
+
+    async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
+        return list(self._dead.get(thread_id, ()))
+
+    async def recoverable_threads(self) -> list[RecoverableThread]:
+        turns = {tid: t.turn for tid, t in self._threads.items() if t.turn is not None}
+        return [
+            RecoverableThread(thread_id=tid, turn=turns.get(tid))
+            for tid in sorted(turns.keys() | self._inbox.keys())
+        ]

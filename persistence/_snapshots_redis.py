@@ -3,18 +3,24 @@
 Keys of one thread all carry the same hash tag, built from the escaped thread
 id, so every Lua script touches keys of a single slot (Redis Cluster safe)::
 
-    <prefix>:t:{<escaped id>}:head     hash: version, epoch, full_version
+    <prefix>:t:{<escaped id>}:head     hash: version, epoch, full_version, turn
     <prefix>:t:{<escaped id>}:steps    list: step record of version i at index i - 1
     <prefix>:t:{<escaped id>}:full     string: the latest full record
+    <prefix>:t:{<escaped id>}:inbox    list: ids of the messages told, oldest first
+    <prefix>:t:{<escaped id>}:told     hash: message id -> envelope (the inbox's entries)
+    <prefix>:t:{<escaped id>}:dead     hash: message id -> dead letter (msgpack)
     <prefix>:threads                   set of thread ids (not tagged; an index only)
 
 The escape is ``%`` -> ``%25``, ``{`` -> ``%7B``, ``}`` -> ``%7D``: injective,
 and the escaped id holds no brace, so the tag is exactly the escaped id.
 
 Conditional writes are Lua scripts (atomic per thread). Commits are grouped:
-one pipeline per batch, one ``EVALSHA`` per request. The thread index is
-maintained outside the scripts and is a superset of the live threads:
-``threads()`` filters it by head version.
+one pipeline per batch, one ``EVALSHA`` per request; enqueues ride the same
+pipelines. The head's ``turn`` is the message id of the turn in flight (empty:
+none); the commit script sets it, and removes the inbox entry the step
+consumed. The thread index is maintained outside the scripts and is a superset
+of the threads with steps or inbox entries: ``threads()`` filters it by head
+version, ``recoverable_threads()`` by turn and inbox length.
 
 Durability is the server's: run Redis with ``appendonly yes`` and
 ``appendfsync always`` for a commit to be on disk when ``commit`` returns.
@@ -22,9 +28,11 @@ Durability is the server's: run Redis with ``appendonly yes`` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Final, Self
 
+import msgspec
 import redis.asyncio
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
@@ -42,6 +50,10 @@ from ._redis_client import check_prefix, client_from_url, close_client, mapped, 
 from ._snapshots import (
     AcquireRequest,
     CommitRequest,
+    DeadLetter,
+    EnqueueRequest,
+    InboxEntry,
+    RecoverableThread,
     StoredThread,
     check_fence,
     check_head,
@@ -58,7 +70,8 @@ redis.call('HSETNX', KEYS[1], 'full_version', 0)
 return epoch
 """
 
-# KEYS: head, steps, full. ARGV: expected_version, epoch, step [, full].
+# KEYS: head, steps, full, inbox, told. ARGV: expected_version, epoch, step,
+# turn ('' = none), consumed ('' = none) [, full].
 # Returns {status, stored version, stored epoch}; status 0 = committed (the
 # version returned is the new one), 1 = fenced, 2 = conflict, 4 = no head at
 # all; 3 = the steps list does not match the head (corrupt), and then the
@@ -87,13 +100,37 @@ if length ~= version then
   return {3, version, length}
 end
 redis.call('RPUSH', KEYS[2], ARGV[3])
-if #ARGV >= 4 then
-  redis.call('SET', KEYS[3], ARGV[4])
-  redis.call('HSET', KEYS[1], 'version', version + 1, 'full_version', version + 1)
+if #ARGV >= 6 then
+  redis.call('SET', KEYS[3], ARGV[6])
+  redis.call('HSET', KEYS[1], 'version', version + 1, 'full_version', version + 1, 'turn', ARGV[4])
 else
-  redis.call('HSET', KEYS[1], 'version', version + 1)
+  redis.call('HSET', KEYS[1], 'version', version + 1, 'turn', ARGV[4])
+end
+if ARGV[5] ~= '' and redis.call('HDEL', KEYS[5], ARGV[5]) == 1 then
+  redis.call('LREM', KEYS[4], 1, ARGV[5])
 end
 return {0, version + 1, epoch}
+"""
+
+# KEYS: inbox, told. ARGV: message id, envelope. Appends unless the id is there.
+_ENQUEUE_LUA: Final = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+# KEYS: inbox, told [, dead]. ARGV: message id [, dead letter]. Removes the
+# entry (moving it to the dead letters when given one); 1 if it was there.
+_DEQUEUE_LUA: Final = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+if #KEYS >= 3 then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+end
+return 1
 """
 
 # KEYS: head, steps, full. ARGV: epoch or ''. Returns {status, value}:
@@ -116,7 +153,7 @@ if ARGV[1] ~= '' and epoch > tonumber(ARGV[1]) then
   return {1, epoch}
 end
 redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1], 'version', 0, 'full_version', 0)
+redis.call('HSET', KEYS[1], 'version', 0, 'full_version', 0, 'turn', '')
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 return {0, math.max(version, steps)}
 """
@@ -161,6 +198,15 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
+def _as_str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_Request = CommitRequest | AcquireRequest | EnqueueRequest
+_dead_encoder = msgspec.msgpack.Encoder()
+_dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+
 class RedisSnapshotStore(Reentrant):
     """Durable threads in Redis.
 
@@ -199,7 +245,9 @@ class RedisSnapshotStore(Reentrant):
         self._commit_script: AsyncScript = client.register_script(_COMMIT_LUA)
         self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
         self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
-        self._committer: GroupCommitter[CommitRequest | AcquireRequest] | None = None
+        self._enqueue_script: AsyncScript = client.register_script(_ENQUEUE_LUA)
+        self._dequeue_script: AsyncScript = client.register_script(_DEQUEUE_LUA)
+        self._committer: GroupCommitter[_Request] | None = None
 
     @classmethod
     def from_url(
@@ -221,7 +269,7 @@ class RedisSnapshotStore(Reentrant):
     # -- lifecycle ---------------------------------------------------------
 
     async def _open(self) -> None:
-        committer: GroupCommitter[CommitRequest | AcquireRequest] = GroupCommitter(
+        committer: GroupCommitter[_Request] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
         await committer.__aenter__()
@@ -242,9 +290,17 @@ class RedisSnapshotStore(Reentrant):
 
     # -- keys --------------------------------------------------------------
 
+    def _base(self, thread_id: str) -> str:
+        return f"{self._prefix}:t:{{{escape_thread_id(thread_id)}}}"
+
     def _keys(self, thread_id: str) -> tuple[str, str, str]:
-        base = f"{self._prefix}:t:{{{escape_thread_id(thread_id)}}}"
+        base = self._base(thread_id)
         return f"{base}:head", f"{base}:steps", f"{base}:full"
+
+    def _inbox_keys(self, thread_id: str) -> tuple[str, str, str]:
+        """The thread's inbox (ids), its entries (id -> envelope) and its dead letters."""
+        base = self._base(thread_id)
+        return f"{base}:inbox", f"{base}:told", f"{base}:dead"
 
     # -- reads -------------------------------------------------------------
 
@@ -332,15 +388,99 @@ class RedisSnapshotStore(Reentrant):
             assert epoch is not None
             check_fence(thread_id, value, epoch)
         # Drop the thread from the index, then look again: a new owner may
-        # have committed (and added it) between the script and the SREM.
+        # have committed (and added it) between the script and the SREM, and
+        # the inbox (which a delete keeps) may hold messages.
         with mapped("delete"):
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.srem(self._index, thread_id)
                 pipe.hget(keys[0], "version")
-                _, version = await pipe.execute()
-            if version is not None and int(version) > 0:
+                pipe.llen(self._inbox_keys(thread_id)[0])
+                _, version, queued = await pipe.execute()
+            if (version is not None and int(version) > 0) or int(queued) > 0:
                 await self._client.sadd(self._index, thread_id)
         return value > 0
+
+    # -- the inbox -----------------------------------------------------------
+
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        # Through the group committer: many tells share one pipeline.
+        committer = self._committer
+        if committer is None:
+            raise StoreUnavailableError("store is closed")
+        await committer.submit(EnqueueRequest(thread_id, message_id, envelope))
+
+    async def pending(self, thread_id: str) -> list[InboxEntry]:
+        self._check_open()
+        inbox, told, _ = self._inbox_keys(thread_id)
+        with mapped("pending"):
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.lrange(inbox, 0, -1)
+                pipe.hgetall(told)
+                ids, envelopes = await pipe.execute()
+        by_id = {_as_str(k): _as_bytes(v) for k, v in envelopes.items()}
+        entries = []
+        for raw in ids:
+            message_id = _as_str(raw)
+            envelope = by_id.get(message_id)
+            if envelope is not None:
+                entries.append(InboxEntry(message_id, envelope))
+        return entries
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        self._check_open()
+        inbox, told, _ = self._inbox_keys(thread_id)
+        with mapped("dequeue"):
+            return bool(await self._dequeue_script(keys=[inbox, told], args=[message_id]))
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        self._check_open()
+        inbox, told, dead = self._inbox_keys(thread_id)
+        with mapped("dead_letter"):
+            envelope = await self._client.hget(told, message_id)
+            if envelope is None:
+                return False
+            letter = DeadLetter(
+                message_id=message_id, envelope=_as_bytes(envelope), reason=reason, ts=time.time()
+            )
+            moved = await self._dequeue_script(
+                keys=[inbox, told, dead], args=[message_id, _dead_encoder.encode(letter)]
+            )
+        return bool(moved)
+
+    async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
+        self._check_open()
+        with mapped("dead_letters"):
+            raw = await self._client.hvals(self._inbox_keys(thread_id)[2])
+        letters = []
+        for value in raw:
+            try:
+                letters.append(_dead_decoder.decode(_as_bytes(value)))
+            except msgspec.DecodeError as exc:
+                raise SnapshotCorruptError(
+                    f"a dead letter of thread {thread_id!r} does not decode: {exc}"
+                ) from exc
+        return sorted(letters, key=lambda d: (d.ts, d.message_id))
+
+    async def recoverable_threads(self) -> list[RecoverableThread]:
+        self._check_open()
+        found: dict[str, RecoverableThread] = {}
+        with mapped("recoverable_threads"):
+            candidates = sorted(
+                {_as_str(member) async for member in self._client.sscan_iter(self._index)}
+            )
+            for i in range(0, len(candidates), _INDEX_CHUNK):
+                chunk = candidates[i : i + _INDEX_CHUNK]
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for thread_id in chunk:
+                        pipe.hget(self._keys(thread_id)[0], "turn")
+                        pipe.llen(self._inbox_keys(thread_id)[0])
+                    replies = await pipe.execute()
+                for j, thread_id in enumerate(chunk):
+                    turn, queued = replies[2 * j], int(replies[2 * j + 1])
+                    turn = _as_str(turn) if turn else None
+                    if turn is not None or queued > 0:
+                        found[thread_id] = RecoverableThread(thread_id=thread_id, turn=turn)
+        return [found[tid] for tid in sorted(found)]
 
     async def commit(self, request: CommitRequest) -> None:
         committer = self._committer
@@ -348,7 +488,7 @@ class RedisSnapshotStore(Reentrant):
             raise StoreUnavailableError("store is closed")
         await committer.submit(request)
 
-    async def _flush(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[object]:
+    async def _flush(self, batch: Sequence[_Request]) -> list[object]:
         with mapped("commit"):
             replies = await self._send(batch)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -357,27 +497,51 @@ class RedisSnapshotStore(Reentrant):
                 # NOSCRIPT reply means the script did not run: send those again.
                 self._commit_script.sha = await self._client.script_load(_COMMIT_LUA)
                 self._acquire_script.sha = await self._client.script_load(_ACQUIRE_LUA)
+                self._enqueue_script.sha = await self._client.script_load(_ENQUEUE_LUA)
                 again = await self._send([batch[i] for i in missing])
                 for i, reply in zip(missing, again, strict=True):
                     replies[i] = reply
-        return [
-            self._result(r, reply) if isinstance(r, CommitRequest) else _epoch(r, reply)
-            for r, reply in zip(batch, replies, strict=True)
-        ]
+        return [self._outcome(r, reply) for r, reply in zip(batch, replies, strict=True)]
 
-    async def _send(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[Any]:
+    def _outcome(self, r: _Request, reply: Any) -> object:
+        if isinstance(r, CommitRequest):
+            return self._result(r, reply)
+        if isinstance(r, AcquireRequest):
+            return _epoch(r, reply)
+        if isinstance(reply, PersistenceError):
+            return reply
+        if isinstance(reply, Exception):
+            return unavailable(f"redis enqueue to {r.thread_id!r} failed: {reply}", reply)
+        return None
+
+    async def _send(self, batch: Sequence[_Request]) -> list[Any]:
         """One pipeline for the batch; one reply (or error) per request."""
         commit_sha, acquire_sha = self._commit_script.sha, self._acquire_script.sha
+        enqueue_sha = self._enqueue_script.sha
         async with self._client.pipeline(transaction=False) as pipe:
             for r in batch:
+                if isinstance(r, EnqueueRequest):
+                    inbox, told, _ = self._inbox_keys(r.thread_id)
+                    pipe.evalsha(enqueue_sha, 2, inbox, told, r.message_id, r.envelope)
+                    # After the script, as for a first commit (a racing delete
+                    # sees the entry and keeps the index entry).
+                    pipe.sadd(self._index, r.thread_id)
+                    continue
                 head, steps, full = self._keys(r.thread_id)
                 if isinstance(r, AcquireRequest):
                     pipe.evalsha(acquire_sha, 1, head)
                     continue
-                args: list[bytes | int] = [r.expected_version, r.epoch, r.step]
+                inbox, told, _ = self._inbox_keys(r.thread_id)
+                args: list[bytes | int | str] = [
+                    r.expected_version,
+                    r.epoch,
+                    r.step,
+                    r.turn or "",
+                    r.consumed or "",
+                ]
                 if r.full is not None:
                     args.append(r.full)
-                pipe.evalsha(commit_sha, 3, head, steps, full, *args)
+                pipe.evalsha(commit_sha, 5, head, steps, full, inbox, told, *args)
                 if r.expected_version == 0:
                     # After the script: a delete that races with this first
                     # commit sees the new head and keeps the index entry.
@@ -388,12 +552,15 @@ class RedisSnapshotStore(Reentrant):
         for r in batch:
             reply = raw[i]
             i += 1
-            if isinstance(r, CommitRequest) and r.expected_version == 0:
+            indexed_too = isinstance(r, EnqueueRequest) or (
+                isinstance(r, CommitRequest) and r.expected_version == 0
+            )
+            if indexed_too:
                 indexed = raw[i]
                 i += 1
                 if isinstance(indexed, Exception) and not isinstance(reply, Exception):
                     reply = unavailable(
-                        f"thread {r.thread_id!r} committed but not indexed: {indexed}", indexed
+                        f"thread {r.thread_id!r} written but not indexed: {indexed}", indexed
                     )
             replies.append(reply)
         return replies

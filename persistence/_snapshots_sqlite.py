@@ -3,9 +3,19 @@
 Layout::
 
     meta(key, value)                       schema version
-    threads(thread_id, version, epoch, full_version, updated_at)
+    threads(thread_id, version, epoch, full_version, updated_at, turn)
     steps(thread_id, version, record)      WITHOUT ROWID, one row per step
     fulls(thread_id, version, record)      WITHOUT ROWID, the latest full record
+    inbox(seq, thread_id, message_id, envelope, enqueued_at)
+                                           told, not yet consumed; unique per
+                                           (thread_id, message_id), ordered by seq
+    dead_letters(thread_id, message_id, envelope, reason, ts)
+                                           inbox entries moved aside
+
+``threads.turn`` is the message id of the turn in flight (NULL: none); files
+written before it existed gain the column when opened (older threadlines
+ignore it). Enqueues ride the group commit with the commits (one transaction,
+one fsync); the step that consumes an inbox entry deletes it in its commit.
 
 Every write runs on one writer connection in an explicit ``BEGIN IMMEDIATE``
 transaction; reads use a second connection (WAL lets them proceed during a
@@ -25,7 +35,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final, Literal
 
 import aiosqlite
@@ -42,6 +52,10 @@ from ._lifecycle import ExcInfo, Reentrant
 from ._snapshots import (
     AcquireRequest,
     CommitRequest,
+    DeadLetter,
+    EnqueueRequest,
+    InboxEntry,
+    RecoverableThread,
     StoredThread,
     check_fence,
     check_head,
@@ -60,7 +74,8 @@ _SCHEMA: Final = (
     " version INTEGER NOT NULL,"
     " epoch INTEGER NOT NULL,"
     " full_version INTEGER NOT NULL DEFAULT 0,"
-    " updated_at REAL"
+    " updated_at REAL,"
+    " turn TEXT"
     ")",
     "CREATE TABLE IF NOT EXISTS steps ("
     " thread_id TEXT NOT NULL,"
@@ -74,6 +89,23 @@ _SCHEMA: Final = (
     " record BLOB NOT NULL,"
     " PRIMARY KEY (thread_id, version)"
     ") WITHOUT ROWID",
+    # seq is the rowid: a new row gets max(seq) + 1, so it orders arrivals.
+    "CREATE TABLE IF NOT EXISTS inbox ("
+    " seq INTEGER PRIMARY KEY,"
+    " thread_id TEXT NOT NULL,"
+    " message_id TEXT NOT NULL,"
+    " envelope BLOB NOT NULL,"
+    " enqueued_at REAL NOT NULL,"
+    " UNIQUE (thread_id, message_id)"
+    ")",
+    "CREATE TABLE IF NOT EXISTS dead_letters ("
+    " thread_id TEXT NOT NULL,"
+    " message_id TEXT NOT NULL,"
+    " envelope BLOB NOT NULL,"
+    " reason TEXT NOT NULL,"
+    " ts REAL NOT NULL,"
+    " PRIMARY KEY (thread_id, message_id)"
+    ") WITHOUT ROWID",
 )
 
 # The conditional head update of a commit. SET expressions see the old row,
@@ -81,12 +113,24 @@ _SCHEMA: Final = (
 _ADVANCE: Final = (
     "UPDATE threads SET version = version + 1,"
     " full_version = CASE WHEN ? THEN version + 1 ELSE full_version END,"
-    " updated_at = ?"
+    " updated_at = ?, turn = ?"
     " WHERE thread_id = ? AND version = ? AND epoch = ?"
 )
 _INSERT_STEP: Final = "INSERT INTO steps (thread_id, version, record) VALUES (?, ?, ?)"
 _INSERT_FULL: Final = "INSERT OR REPLACE INTO fulls (thread_id, version, record) VALUES (?, ?, ?)"
 _DROP_OLD_FULLS: Final = "DELETE FROM fulls WHERE thread_id = ? AND version < ?"
+_DEQUEUE: Final = "DELETE FROM inbox WHERE thread_id = ? AND message_id = ?"
+_ENQUEUE: Final = (
+    "INSERT OR IGNORE INTO inbox (thread_id, message_id, envelope, enqueued_at) VALUES (?, ?, ?, ?)"
+)
+# Threads with a turn in flight or inbox entries (a scan of the heads: it runs
+# once, when a system starts, and a per-commit index would cost every step).
+_RECOVERABLE: Final = (
+    "SELECT thread_id, max(turn) FROM ("
+    " SELECT thread_id, turn FROM threads WHERE turn IS NOT NULL"
+    " UNION ALL SELECT DISTINCT thread_id, NULL FROM inbox"
+    ") GROUP BY thread_id ORDER BY thread_id"
+)
 _HEAD: Final = "SELECT version, epoch FROM threads WHERE thread_id = ?"
 # The head (NULLs if there is none) and the last step stored (NULL if none).
 _HEAD_AND_LAST: Final = (
@@ -126,6 +170,8 @@ _MAX_INT: Final = (1 << 63) - 1
 # record or number SQLite cannot take. Only that request fails.
 _REQUEST_ERRORS: Final = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 
+_Request = CommitRequest | AcquireRequest | EnqueueRequest
+
 
 class SqliteSnapshotStore(Reentrant):
     """Durable threads in a SQLite database file.
@@ -164,7 +210,7 @@ class SqliteSnapshotStore(Reentrant):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self._max_batch = max_batch
-        self._committer: GroupCommitter[CommitRequest | AcquireRequest] | None = None
+        self._committer: GroupCommitter[_Request] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteSnapshotStore({self._db.path!r})"
@@ -178,7 +224,12 @@ class SqliteSnapshotStore(Reentrant):
 
     async def _open(self) -> None:
         await self._db.open()
-        committer: GroupCommitter[CommitRequest | AcquireRequest] = GroupCommitter(
+        try:
+            await self._db.write(_add_turn_column)
+        except BaseException:
+            await self._db.close()
+            raise
+        committer: GroupCommitter[_Request] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-sqlite-commit"
         )
         try:
@@ -238,6 +289,31 @@ class SqliteSnapshotStore(Reentrant):
         rows = await self._db.read("SELECT thread_id FROM threads WHERE version > 0", ())
         return sorted(str(row[0]) for row in rows)
 
+    async def pending(self, thread_id: str) -> list[InboxEntry]:
+        rows = await self._db.read(
+            "SELECT message_id, envelope FROM inbox WHERE thread_id = ? ORDER BY seq",
+            (thread_id,),
+        )
+        return [InboxEntry(str(mid), bytes(envelope)) for mid, envelope in rows]
+
+    async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
+        rows = await self._db.read(
+            "SELECT message_id, envelope, reason, ts FROM dead_letters WHERE thread_id = ?"
+            " ORDER BY ts, message_id",
+            (thread_id,),
+        )
+        return [
+            DeadLetter(message_id=str(mid), envelope=bytes(env), reason=str(why), ts=float(ts))
+            for mid, env, why, ts in rows
+        ]
+
+    async def recoverable_threads(self) -> list[RecoverableThread]:
+        rows = await self._db.read(_RECOVERABLE, ())
+        return [
+            RecoverableThread(thread_id=str(tid), turn=None if turn is None else str(turn))
+            for tid, turn in rows
+        ]
+
     # -- writes ------------------------------------------------------------
 
     async def commit(self, request: CommitRequest) -> None:
@@ -256,6 +332,43 @@ class SqliteSnapshotStore(Reentrant):
         assert isinstance(epoch, int)
         return epoch
 
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        # Through the group committer: many tells share one transaction (one
+        # fsync), with whatever commits are waiting.
+        committer = self._committer
+        if committer is None:
+            raise StoreUnavailableError("store is closed")
+        await committer.submit(EnqueueRequest(thread_id, message_id, envelope))
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        async def run(conn: aiosqlite.Connection) -> bool:
+            async with transaction(conn):
+                cursor = await conn.execute(_DEQUEUE, (thread_id, message_id))
+            return cursor.rowcount > 0
+
+        return await self._db.write(run)
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        async def run(conn: aiosqlite.Connection) -> bool:
+            async with transaction(conn):
+                rows = list(
+                    await conn.execute_fetchall(
+                        "SELECT envelope FROM inbox WHERE thread_id = ? AND message_id = ?",
+                        (thread_id, message_id),
+                    )
+                )
+                if not rows:
+                    return False
+                await conn.execute(
+                    "INSERT OR REPLACE INTO dead_letters"
+                    " (thread_id, message_id, envelope, reason, ts) VALUES (?, ?, ?, ?, ?)",
+                    (thread_id, message_id, rows[0][0], reason, time.time()),
+                )
+                await conn.execute(_DEQUEUE, (thread_id, message_id))
+            return True
+
+        return await self._db.write(run)
+
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         async def run(conn: aiosqlite.Connection) -> bool:
             async with transaction(conn):
@@ -269,34 +382,74 @@ class SqliteSnapshotStore(Reentrant):
                     return had_steps
                 await conn.execute(
                     "UPDATE threads SET version = 0, full_version = 0, epoch = epoch + 1,"
-                    " updated_at = ? WHERE thread_id = ?",
+                    " turn = NULL, updated_at = ? WHERE thread_id = ?",
                     (time.time(), thread_id),
                 )
             return had_steps or int(rows[0][0]) > 0
 
         return await self._db.write(run)
 
-    async def _flush(self, batch: Sequence[CommitRequest | AcquireRequest]) -> list[object]:
+    async def _flush(self, batch: Sequence[_Request]) -> list[object]:
         return await self._db.write(lambda conn: self._write_batch(conn, batch))
 
     async def _write_batch(
-        self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest | AcquireRequest]
+        self, conn: aiosqlite.Connection, batch: Sequence[_Request]
     ) -> list[object]:
-        """One transaction: the batch's commits, then its acquires."""
+        """One transaction: the batch's commits, then its acquires, then its enqueues."""
         commits = [r for r in batch if isinstance(r, CommitRequest)]
         acquires = [r.thread_id for r in batch if isinstance(r, AcquireRequest)]
+        enqueues = [r for r in batch if isinstance(r, EnqueueRequest)]
         now = time.time()
         await conn.execute("BEGIN IMMEDIATE")
         try:
+            # Commits first: their slow path starts the transaction over.
             committed = await self._commit_batch(conn, commits, now)
             epochs = await self._acquire_batch(conn, acquires, now)
+            enqueued = await self._enqueue_batch(conn, enqueues, now)
             await conn.execute("COMMIT")
         except BaseException:
             await rollback(conn)
             raise
-        results = iter(committed)
-        acquired = iter(epochs)
-        return [next(results) if isinstance(r, CommitRequest) else next(acquired) for r in batch]
+        results: dict[type, Iterator[object]] = {
+            CommitRequest: iter(committed),
+            AcquireRequest: iter(epochs),
+            EnqueueRequest: iter(enqueued),
+        }
+        return [next(results[type(r)]) for r in batch]
+
+    async def _enqueue_batch(
+        self, conn: aiosqlite.Connection, batch: Sequence[EnqueueRequest], now: float
+    ) -> list[BaseException | None]:
+        """Append to the inboxes inside the open transaction; one result each.
+
+        One statement for the batch. If some envelope cannot be stored, the
+        rows go again one by one: a failed statement undoes only itself, and
+        the rows the first attempt stored are ignored the second time (same
+        ids), so only that request fails.
+        """
+        if not batch:
+            return []
+        rows = [(r.thread_id, r.message_id, r.envelope, now) for r in batch]
+        try:
+            await conn.executemany(_ENQUEUE, rows)
+        except _REQUEST_ERRORS:
+            pass
+        else:
+            return [None] * len(batch)
+        results: list[BaseException | None] = []
+        for r, row in zip(batch, rows, strict=True):
+            try:
+                await conn.execute(_ENQUEUE, row)
+            except _REQUEST_ERRORS as exc:
+                error = StoreUnavailableError(
+                    f"{self._db.path!r} cannot store message {r.message_id!r}"
+                    f" for thread {r.thread_id!r}: {exc}"
+                )
+                error.__cause__ = exc
+                results.append(error)
+            else:
+                results.append(None)
+        return results
 
     async def _commit_batch(
         self, conn: aiosqlite.Connection, batch: Sequence[CommitRequest], now: float
@@ -333,7 +486,10 @@ class SqliteSnapshotStore(Reentrant):
         advanced in part) if some head is not where its request expects it."""
         cursor = await conn.executemany(
             _ADVANCE,
-            [(r.full is not None, now, r.thread_id, r.expected_version, r.epoch) for r in batch],
+            [
+                (r.full is not None, now, r.turn, r.thread_id, r.expected_version, r.epoch)
+                for r in batch
+            ],
         )
         if cursor.rowcount != len(batch):
             return False
@@ -344,6 +500,9 @@ class SqliteSnapshotStore(Reentrant):
         if fulls:
             await conn.executemany(_INSERT_FULL, fulls)
             await conn.executemany(_DROP_OLD_FULLS, [(tid, v) for tid, v, _ in fulls])
+        consumed = [(r.thread_id, r.consumed) for r in batch if r.consumed is not None]
+        if consumed:
+            await conn.executemany(_DEQUEUE, consumed)
         return True
 
     async def _in_savepoint(
@@ -445,3 +604,17 @@ class SqliteSnapshotStore(Reentrant):
             heads[r.thread_id] = (head[0] + 1, head[1])
             results.append(None)
         return results
+
+
+async def _add_turn_column(conn: aiosqlite.Connection) -> None:
+    """Give a file written before ``threads.turn`` existed the column (NULL: no turn known)."""
+
+    async def has_it() -> bool:
+        rows = await conn.execute_fetchall("PRAGMA table_info(threads)")
+        return any(row[1] == "turn" for row in rows)
+
+    if await has_it():
+        return
+    async with transaction(conn):
+        if not await has_it():  # another process may have added it meanwhile
+            await conn.execute("ALTER TABLE threads ADD COLUMN turn TEXT")

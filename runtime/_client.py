@@ -6,9 +6,10 @@ implements: ``LocalClient`` (the threads run in this process, in an
 processes, is a second implementation of the same protocol, and one test suite
 runs against each.
 
+``tell`` returns once its message is durably appended to the store's inbox.
 ``tell_nowait`` is not part of the protocol: it answers without awaiting
-anything, which only an in-process mailbox can do (a remote ``tell`` must wait
-for its message to be durably appended before it may return).
+anything, which only an in-process mailbox can do, and is therefore not
+durable.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class ThreadClient(Protocol[S]):
 
     A reply means durable: ``ask`` returns (and ``stream`` ends) only after the
     turn's last step is committed; ``tell`` returns once the message is
-    accepted (the message id is its receipt: sending the same id again is
-    applied once).
+    durably accepted (the message id is its receipt: sending the same id again
+    is applied once).
     """
 
     async def ask(
@@ -63,7 +64,8 @@ class ThreadClient(Protocol[S]):
     async def tell(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
-        """Send a message without waiting for its turn; returns its message id."""
+        """Send a message without waiting for its turn; returns its message id once
+        the message is durable (a crash after that does not lose it)."""
         ...
 
     def stream(
@@ -125,9 +127,13 @@ class LocalClient(Generic[S]):
         envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
         reply = Reply()
         if timeout is None:  # (a cancel scope per ask is measurable at thousands/s)
+            if self._system.recovering:
+                await self._system.admit(thread_id)
             await self._system.route(thread_id).put(envelope, reply)
             return await reply.wait()  # type: ignore[no-any-return]
         with anyio.fail_after(timeout):
+            if self._system.recovering:
+                await self._system.admit(thread_id)
             await self._system.route(thread_id).put(envelope, reply)
             result: TurnResult[S] = await reply.wait()
         return result
@@ -136,13 +142,21 @@ class LocalClient(Generic[S]):
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
         envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
-        await self._system.route(thread_id).put(envelope, None)
+        system = self._system
+        if system.recovering:
+            await system.admit(thread_id)
+        await system.enqueue(envelope)  # durable from here on
+        await system.deliver(envelope)
         return envelope.message_id
 
     def tell_nowait(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
-        """Enqueue a message or raise ``MailboxFullError``; returns its message id."""
+        """Enqueue a message or raise ``MailboxFullError``; returns its message id.
+
+        Not durable: the message is only in the mailbox until its input step
+        commits (see ``ActorSystem.tell_nowait``).
+        """
         envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
         self._system.route(thread_id).offer(envelope, None)
         return envelope.message_id
@@ -163,6 +177,8 @@ class LocalClient(Generic[S]):
         send, receive = anyio.create_memory_object_stream[StreamPart](math.inf)
         reply = Reply(sink=send, modes=modes)
         with receive:
+            if self._system.recovering:
+                await self._system.admit(thread_id)
             await self._system.route(thread_id).put(envelope, reply)
             async for part in receive:
                 yield part
@@ -192,6 +208,8 @@ class LocalClient(Generic[S]):
         envelope = self._door.update(thread_id, update)
         reply = Reply()
         with anyio.fail_after(timeout):
+            if self._system.recovering:
+                await self._system.admit(thread_id)
             await self._system.route(thread_id).put(envelope, reply)
             snapshot: ThreadSnapshot[S] = await reply.wait()
         return snapshot
@@ -210,6 +228,8 @@ class LocalClient(Generic[S]):
     async def delete(self, thread_id: str) -> bool:
         envelope = self._door.delete(thread_id)
         reply = Reply()
+        if self._system.recovering:
+            await self._system.admit(thread_id)
         await self._system.route(thread_id).put(envelope, reply)
         existed: bool = await reply.wait()
         return existed

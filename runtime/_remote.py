@@ -38,13 +38,14 @@ from threadline.persistence import (
     RedisInbox,
     RedisSnapshotStore,
     deployment_layout,
+    encode_envelope,
     load_thread,
     open_redis,
     read_history,
 )
 
 from ._door import Door, Input
-from ._wire import decode_event, encode_envelope, raise_error
+from ._wire import decode_event, raise_error
 from .agent._requests import ContextCodec
 
 S = TypeVar("S", bound=AgentState)
@@ -197,7 +198,12 @@ class Client(Generic[S]):
                 return
             if event == "values":
                 data = msgspec.convert(data, self.state_schema)
+            elif event == "updates":  # as in process: message objects, not dicts
+                data = {kind: [self._update(u) for u in updates] for kind, updates in data.items()}
             yield StreamPart(mode=event, data=data, thread_id=thread_id, version=version)
+
+    def _update(self, raw: Any) -> dict[str, Any]:
+        return self.codec.from_patch(msgspec.convert(raw, self.codec.patch_type))
 
     async def _call(self, envelope: Envelope, timeout: float | None) -> Any:
         with anyio.fail_after(timeout):

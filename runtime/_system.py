@@ -13,23 +13,30 @@ from anyio.abc import TaskGroup
 
 from threadline.actors import (
     AgentState,
+    MailboxFullError,
+    PersistenceError,
+    RemoveMessage,
     SystemClosedError,
 )
 from threadline.actors._api import (
-    Acknowledge,
     ActorContext,
+    Envelope,
     MailboxStatistics,
     StepInfo,
     StreamPart,
     ThreadActor,
     ThreadSnapshot,
     TurnResult,
+    new_id,
 )
 from threadline.persistence import (
     Codec,
+    RecoverableThread,
     SnapshotStore,
     Store,
     ThreadJournal,
+    decode_envelope,
+    encode_envelope,
     open_snapshot_store,
 )
 
@@ -54,9 +61,15 @@ class ActorSystem(Generic[S]):
     cancels what is left, which stays durably parked at its last committed
     step and resumes on next activation.
 
-    ``acknowledge`` (for runtimes built on the system, such as a worker reading
-    a durable inbox) is awaited with each envelope once the step that consumed
-    it is committed.
+    ``tell`` returns once its message is in the snapshot store's inbox. On
+    entering, the system recovers in the background (``recover=True``): every
+    thread with a turn parked mid-way resumes it, and every message told but
+    not consumed before a crash or a shutdown is delivered, in the order it
+    was told, before any message sent to that thread after the restart. An
+    inbox entry that no longer decodes is moved to the store's dead letters
+    (and logged); its thread goes on. Recovery takes over every such thread
+    of the store: with several systems sharing one store, only one of them
+    should recover (``recover=False`` for the others).
     """
 
     def __init__(
@@ -72,7 +85,7 @@ class ActorSystem(Generic[S]):
         passivate_after: float = 300.0,
         keep_consumed: int = 128,
         shutdown_timeout: float = 30.0,
-        acknowledge: Acknowledge | None = None,
+        recover: bool = True,
     ) -> None:
         if mailbox_capacity < 1 or max_message_bytes < 1 or keep_consumed < 1:
             raise ValueError("mailbox_capacity, max_message_bytes and keep_consumed must be >= 1")
@@ -95,12 +108,24 @@ class ActorSystem(Generic[S]):
         self._closing = False
         self._busy = 0  # actors with a drain task
         self._drained: anyio.Event | None = None
+        # (thread_id, message_id) of messages in the store's inbox that this
+        # system delivered and that were not consumed yet: the journal removes
+        # the entry with the step that consumes it, ``_acknowledge`` one that
+        # turned out to be a duplicate.
+        self._inboxed: set[tuple[str, str]] = set()
+        self._recover = recover
+        # While recovery runs: ``_scanned`` is set once the threads to recover
+        # are known, and each of them has an event in ``_held`` until its
+        # messages are in its mailbox; senders wait for both (``admit``).
+        self.recovering = False
+        self._scanned = anyio.Event()
+        self._held: dict[str, anyio.Event] = {}
         self._context: ActorContext[S] = ActorContext(
             behavior=agent.bind(store=store, resources=resources),
             spawn=self._spawn,
             capacity=mailbox_capacity,
             keep_consumed=keep_consumed,
-            acknowledge=acknowledge,
+            acknowledge=self._acknowledge,
         )
         self.client: LocalClient[S] = LocalClient(self)
 
@@ -116,6 +141,12 @@ class ActorSystem(Generic[S]):
             tg = await stack.enter_async_context(anyio.create_task_group())
             tg.start_soon(self._passivate_idle, name="threadline passivation")
             self._tg, self._closing = tg, False
+            self._scanned = anyio.Event()
+            if self._recover:
+                self.recovering = True
+                tg.start_soon(self._recover_threads, name="threadline recovery")
+            else:
+                self._scanned.set()
             self._stack = stack.pop_all()
         return self
 
@@ -137,6 +168,8 @@ class ActorSystem(Generic[S]):
         finally:
             self._stack = self._tg = None
             self._actors.clear()
+            self._inboxed.clear()
+            self._open_gates()
             # Not handing the body's exception to the task group keeps it from
             # being wrapped in an ExceptionGroup: callers catch what they raised.
             await stack.__aexit__(None, None, None)
@@ -177,6 +210,171 @@ class ActorSystem(Generic[S]):
                 actor = self._actors.pop(thread_id)
                 log.debug("thread.passivated", thread_id=thread_id, version=actor.version)
 
+    # -- the durable inbox -------------------------------------------------------
+
+    async def enqueue(self, envelope: Envelope) -> None:
+        """Write a told message to the store's inbox; returns once it is durable."""
+        if self._tg is None or self._closing:
+            raise SystemClosedError("the ActorSystem is not running")
+        key = (envelope.thread_id, envelope.message_id)
+        await self.snapshots.enqueue(key[0], key[1], encode_envelope(envelope))
+        self._inboxed.add(key)
+
+    async def deliver(self, envelope: Envelope) -> None:
+        """Put an enqueued message in its thread's mailbox (waiting for room).
+
+        The message is durable already: a sender cancelled while waiting for
+        room leaves it to a task of the system, which delivers it anyway.
+        """
+        try:
+            await self.route(envelope.thread_id).put(envelope, None)
+        except anyio.get_cancelled_exc_class():
+            if self._tg is not None and not self._closing:
+                self._tg.start_soon(self._deliver_later, [envelope], None)
+            raise
+
+    async def _deliver_later(self, envelopes: list[Envelope], held: anyio.Event | None) -> None:
+        try:
+            for envelope in envelopes:
+                await self.route(envelope.thread_id).put(envelope, None)
+        except SystemClosedError:
+            pass  # still in the inbox: the next start delivers it
+        finally:
+            if held is not None:
+                self._release(envelopes[0].thread_id, held)
+
+    async def _acknowledge(self, envelope: Envelope) -> None:
+        """Called by an actor once a message is done with; removes an inbox entry
+        that its consuming step did not (the message was a duplicate)."""
+        key = (envelope.thread_id, envelope.message_id)
+        if key not in self._inboxed:
+            return
+        self._inboxed.discard(key)
+        try:
+            await self.snapshots.dequeue(*key)
+        except PersistenceError as exc:
+            # It stays in the inbox: the next start delivers it again, and the
+            # thread answers it as a duplicate again.
+            self._context.log.warning("inbox.dequeue_failed", message_id=key[1], error=str(exc))
+
+    async def admit(self, thread_id: str) -> None:
+        """Wait until recovery has queued what was told to ``thread_id`` before the start."""
+        await self._scanned.wait()
+        held = self._held.get(thread_id)
+        if held is not None:
+            await held.wait()
+
+    def _release(self, thread_id: str, held: anyio.Event) -> None:
+        if self._held.get(thread_id) is held:
+            del self._held[thread_id]
+        held.set()
+        if self._scanned.is_set() and not self._held:
+            self.recovering = False
+
+    def _open_gates(self) -> None:
+        self._scanned.set()
+        for held in self._held.values():
+            held.set()
+        self._held.clear()
+        self.recovering = False
+
+    async def _recover_threads(self) -> None:
+        """Deliver what the store says was left undone: told messages, parked turns."""
+        log = self._context.log
+        try:
+            try:
+                found = await self.snapshots.recoverable_threads()
+            except PersistenceError as exc:
+                log.warning("recovery.failed", error=str(exc))
+                return
+            except Exception:  # a store that breaks its protocol must not stop the system
+                log.exception("recovery.failed")
+                return
+            for thread in found:
+                self._held[thread.thread_id] = anyio.Event()
+            self._scanned.set()
+            for thread in found:
+                held = self._held.get(thread.thread_id)
+                if held is None:
+                    continue
+                try:
+                    await self._recover_thread(thread, held)
+                except (PersistenceError, SystemClosedError) as exc:
+                    self._release(thread.thread_id, held)
+                    log.warning(
+                        "recovery.thread_failed", thread_id=thread.thread_id, error=str(exc)
+                    )
+                except Exception:
+                    self._release(thread.thread_id, held)
+                    log.exception("recovery.thread_failed", thread_id=thread.thread_id)
+            if found:
+                log.info("recovery.queued", threads=len(found))
+        finally:
+            self._scanned.set()
+            if not self._held:
+                self.recovering = False
+
+    async def _recover_thread(self, thread: RecoverableThread, held: anyio.Event) -> None:
+        log = self._context.log
+        envelopes: list[Envelope] = []
+        for entry in await self.snapshots.pending(thread.thread_id):
+            try:
+                envelope = decode_envelope(
+                    entry.envelope,
+                    self.agent.state_schema,
+                    thread_id=thread.thread_id,
+                    message_id=entry.message_id,
+                )
+            except Exception as exc:  # whatever it is, it must not hold the thread up
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                log.warning(
+                    "inbox.dead_letter",
+                    thread_id=thread.thread_id,
+                    message_id=entry.message_id,
+                    reason=reason,
+                )
+                try:
+                    await self.snapshots.dead_letter(thread.thread_id, entry.message_id, reason)
+                except PersistenceError as failure:  # it stays; the next start tries again
+                    log.warning(
+                        "inbox.dead_letter_failed",
+                        thread_id=thread.thread_id,
+                        message_id=entry.message_id,
+                        error=str(failure),
+                    )
+                continue
+            self._inboxed.add((thread.thread_id, entry.message_id))
+            envelopes.append(envelope)
+        if not envelopes and thread.turn is not None:
+            envelopes.append(self._wake_up(thread.thread_id, thread.turn))
+        # What fits goes in now; the rest waits for room in a task of its own,
+        # holding back only this thread's new messages.
+        actor = self.route(thread.thread_id)
+        for i, envelope in enumerate(envelopes):
+            try:
+                actor.offer(envelope, None)
+            except MailboxFullError:
+                assert self._tg is not None
+                self._tg.start_soon(self._deliver_later, envelopes[i:], held)
+                return
+        self._release(thread.thread_id, held)
+
+    def _wake_up(self, thread_id: str, turn: str) -> Envelope:
+        """A message that makes the thread's actor activate (which resumes its
+        parked turn) and then does nothing.
+
+        It is an input with the id of the message that started the parked
+        turn, consumed already, so the actor answers it as a duplicate. Should
+        that id be forgotten (the turn ended since), its update removes a
+        message that does not exist and is refused before anything is written.
+        """
+        return Envelope(
+            kind="input",
+            message_id=turn,
+            thread_id=thread_id,
+            update={"messages": [RemoveMessage(id=f"threadline-wake-up-{new_id()}")]},
+        )
+
     # -- routing -----------------------------------------------------------------
 
     def route(self, thread_id: str) -> ThreadActor[S]:
@@ -188,7 +386,7 @@ class ActorSystem(Generic[S]):
             actor = ThreadActor(
                 thread_id,
                 context=self._context,
-                journal=ThreadJournal(self.snapshots, self.codec, thread_id),
+                journal=ThreadJournal(self.snapshots, self.codec, thread_id, self._inboxed),
             )
         else:
             del self._actors[thread_id]  # re-inserted below: moves it to the end
@@ -221,13 +419,29 @@ class ActorSystem(Generic[S]):
     async def tell(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
-        """Enqueue a message (waiting for mailbox room); returns its message id."""
+        """Send a message without waiting for its turn; returns its message id.
+
+        Returns once the message is durably in the store's inbox (one group
+        commit for many tells) and in the thread's mailbox (waiting for room).
+        An acknowledged message is never lost: a crash before its turn starts
+        leaves it in the inbox, and the next start delivers it. If ``tell``
+        raises (the store failed, the system closed), the message may or may
+        not be in the inbox: tell it again with the same ``message_id``, which
+        is applied once.
+        """
         return await self.client.tell(thread_id, input, context=context, message_id=message_id)
 
     def tell_nowait(
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
-        """Enqueue a message or raise ``MailboxFullError``; returns its message id."""
+        """Enqueue a message or raise ``MailboxFullError``; returns its message id.
+
+        Not durable: it cannot wait for a write, so the message lives only in
+        the mailbox until its input step commits, and a crash before that
+        loses it (``await tell(...)`` is the durable way). It does not wait
+        for recovery either: just after a start it may overtake messages told
+        to the same thread before the restart.
+        """
         return self.client.tell_nowait(thread_id, input, context=context, message_id=message_id)
 
     def stream(

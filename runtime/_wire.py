@@ -1,6 +1,7 @@
 """What travels between a remote client and a worker: envelopes out, reply events back.
 
-Envelopes are msgpack-encoded ``Envelope`` Structs. A reply stream holds
+Envelopes travel framed like the store's inbox entries
+(``threadline.persistence.encode_envelope``: format version, CRC32). A reply stream holds
 ``ReplyEvent`` records: the stream parts the sender asked for (``updates``,
 ``values``, ``custom``, ``messages``), then exactly one ``end`` (the reply:
 a turn result, a thread snapshot or a bool) or ``error`` (the typed error's
@@ -16,10 +17,8 @@ import msgspec
 
 import threadline.actors as _actors
 from threadline.actors import ThreadlineError
-from threadline.actors._api import Envelope
 
 _encoder = msgspec.msgpack.Encoder()
-_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 
 
 class ReplyEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -29,15 +28,6 @@ class ReplyEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 _event_decoder = msgspec.msgpack.Decoder(ReplyEvent)
-
-
-def encode_envelope(envelope: Envelope) -> bytes:
-    return _encoder.encode(envelope)
-
-
-def decode_envelope(payload: bytes) -> Envelope:
-    """Raises ``msgspec.DecodeError`` (or ``ValidationError``) for anything else."""
-    return _envelope_decoder.decode(payload)
 
 
 def encode_event(event: ReplyEvent) -> bytes:

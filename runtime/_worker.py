@@ -40,55 +40,78 @@ from threadline.actors import (
     FencedError,
     InvalidInputError,
     PersistenceError,
+    SystemClosedError,
     normalize_update,
 )
 from threadline.actors._api import Envelope, Reply, get_logger
 from threadline.persistence import (
-    InboxEntry,
     KeyLayout,
     Lease,
     Membership,
     PartitionLeases,
     RedisInbox,
     RedisSnapshotStore,
+    StreamEntry,
     deployment_layout,
     open_redis,
     plan_partitions,
+    read_envelope,
 )
 
 from ._system import ActorSystem
-from ._wire import ReplyEvent, decode_envelope, encode_event, error_event
+from ._wire import ReplyEvent, encode_event, error_event
 from .agent import Agent
 
 S = TypeVar("S", bound=AgentState)
 
 
-class RemoteReply(Reply):
-    """The reply of an envelope whose sender waits on a reply stream.
+Outbound = tuple[str, str, int, str, bytes]
+"""What the worker's outbound task does, in order: ``("event", reply key, 0, "",
+payload)`` appends a reply event; ``("ack", "", partition, entry id, b"")``
+acknowledges an inbox entry."""
 
-    Stream parts and the outcome become ``ReplyEvent`` records on the worker's
-    publish queue; one task appends them to the stream in order.
+
+class InboxReply(Reply):
+    """The reply of an envelope read from a partition inbox.
+
+    Stream parts and the outcome become ``ReplyEvent`` records on the reply
+    stream the sender named (if it named one). Once the turn is over (its last
+    step committed, or the turn aborted and the abort committed) the inbox
+    entry is acknowledged, after the final event. An entry whose turn did not
+    end (the store failed, the worker stopped) stays pending: its partition's
+    next owner redelivers it, the thread resumes the parked turn on activation
+    and answers the redelivered id as a duplicate, which replies with the state
+    the turn ended in.
     """
 
-    __slots__ = ("_key", "_queue")
+    __slots__ = ("_entry", "_key", "_queue")
 
     def __init__(
         self,
-        key: str,
-        queue: MemoryObjectSendStream[tuple[str, bytes]],
+        key: str | None,
+        queue: MemoryObjectSendStream[Outbound],
         modes: frozenset[str],
+        entry: tuple[int, str],
     ) -> None:
         super().__init__(modes=modes)
         self._key = key
         self._queue = queue
+        self._entry = entry
 
     @property
     def listening(self) -> bool:
-        return bool(self.modes)
+        return self._key is not None and bool(self.modes)
+
+    def _out(self, item: Outbound) -> None:
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._queue.send_nowait(item)
 
     def _send(self, event: ReplyEvent) -> None:
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._queue.send_nowait((self._key, encode_event(event)))
+        if self._key is not None:
+            self._out(("event", self._key, 0, "", encode_event(event)))
+
+    def _ack(self) -> None:
+        self._out(("ack", "", self._entry[0], self._entry[1], b""))
 
     def emit(self, mode: str, part: Any) -> None:
         if mode in self.modes:
@@ -97,11 +120,16 @@ class RemoteReply(Reply):
     def resolve(self, value: Any) -> None:
         if not self.settled:
             self._send(ReplyEvent(event="end", data=value))
+            self._ack()
         super().resolve(value)
 
     def fail(self, error: BaseException) -> None:
         if not self.settled:
             self._send(error_event(error))
+            # A turn that failed has its abort committed: done with. A message the
+            # store or the shutdown cut short is not: it stays for redelivery.
+            if not isinstance(error, (PersistenceError, SystemClosedError)):
+                self._ack()
         super().fail(error)
 
 
@@ -139,7 +167,6 @@ class Worker(Generic[S]):
         self._stack: contextlib.AsyncExitStack | None = None
         self._leases: dict[int, Lease] = {}
         self._readers: dict[int, anyio.CancelScope] = {}
-        self._inflight: dict[tuple[str, str], tuple[int, str]] = {}
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
 
@@ -157,20 +184,19 @@ class Worker(Generic[S]):
             self._reads = RedisInbox(readers, self.layout)
             self._lease_table = PartitionLeases(client, layout=self.layout)
             self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
-            send, receive = anyio.create_memory_object_stream[tuple[str, bytes]](math.inf)
-            self._publish_queue = send
+            send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
+            self._outbound_queue = send
             tg = await stack.enter_async_context(anyio.create_task_group())
-            tg.start_soon(self._publisher, receive, name="threadline worker replies")
+            tg.start_soon(self._outbound, receive, name="threadline worker outbound")
             # Exit order (last in, first out): the system finishes its in-flight
             # steps (their replies are queued), then the leases go back and the
             # publisher drains the queue, then the connections close.
             stack.push_async_callback(self._leave)
             store = RedisSnapshotStore(client, prefix=self.prefix)
+            # Recovery is per partition here (the inbox's pending entries), not
+            # of the whole store, which other workers share.
             self.system: ActorSystem[S] = ActorSystem(
-                self.agent,
-                snapshots=store,
-                acknowledge=self._acknowledge,
-                **self._system_options,
+                self.agent, snapshots=store, recover=False, **self._system_options
             )
             await stack.enter_async_context(self.system)
             self._stack = stack.pop_all()
@@ -197,7 +223,7 @@ class Worker(Generic[S]):
             self._leases.clear()
             with contextlib.suppress(PersistenceError):
                 await self._membership.leave(self.worker_id)
-            self._publish_queue.close()
+            self._outbound_queue.close()
             self._log.info("worker.left")
 
     async def serve(self) -> None:
@@ -285,23 +311,24 @@ class Worker(Generic[S]):
         if self._readers.get(partition) is scope:
             del self._readers[partition]
 
-    async def _dispatch(self, partition: int, entry: InboxEntry) -> None:
+    async def _dispatch(self, partition: int, entry: StreamEntry) -> None:
         try:
-            envelope = decode_envelope(entry.payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._dead_letter(partition, entry, f"undecodable envelope: {exc}", None)
+            envelope = read_envelope(entry.payload, what=f"inbox entry {entry.entry_id}")
+        except PersistenceError as exc:
+            await self._dead_letter(partition, entry, str(exc))
             return
-        reply: Reply | None = None
-        if envelope.reply_to is not None:
-            reply = RemoteReply(envelope.reply_to, self._publish_queue, frozenset(envelope.modes))
+        reply = InboxReply(
+            envelope.reply_to,
+            self._outbound_queue,
+            frozenset(envelope.modes),
+            (partition, entry.entry_id),
+        )
         try:
             envelope = self._validate(envelope)
         except InvalidInputError as exc:
-            await self._dead_letter(partition, entry, f"invalid: {exc}", reply)
-            if reply is not None:
-                reply.fail(exc)
+            await self._dead_letter(partition, entry, f"invalid: {exc}")
+            reply.fail(exc)
             return
-        self._inflight[(envelope.thread_id, envelope.message_id)] = (partition, entry.entry_id)
         await self.system.route(envelope.thread_id).put(envelope, reply)
 
     def _validate(self, envelope: Envelope) -> Envelope:
@@ -316,33 +343,42 @@ class Worker(Generic[S]):
         context = self.agent.context.dump(envelope.context) if envelope.kind == "input" else None
         return msgspec.structs.replace(envelope, update=update, context=context)
 
-    async def _dead_letter(
-        self, partition: int, entry: InboxEntry, reason: str, reply: Reply | None
-    ) -> None:
+    async def _dead_letter(self, partition: int, entry: StreamEntry, reason: str) -> None:
         self._log.warning(
             "message.dead_lettered", partition=partition, entry=entry.entry_id, reason=reason
         )
         await self._inbox.dead_letter(partition, entry.entry_id, reason)
 
-    async def _acknowledge(self, envelope: Envelope) -> None:
-        where = self._inflight.pop((envelope.thread_id, envelope.message_id), None)
-        if where is not None:
-            partition, entry_id = where
-            await self._inbox.ack(partition, [entry_id])
+    async def _outbound(self, receive: MemoryObjectReceiveStream[Outbound]) -> None:
+        """Append reply events and acknowledge entries, in the order they came.
 
-    async def _publisher(self, receive: MemoryObjectReceiveStream[tuple[str, bytes]]) -> None:
-        """Append reply events in order, batching what is queued."""
+        What is queued together goes together: the events of each reply stream
+        in one script call, then the acknowledgements of each partition in one.
+        An entry is acknowledged only after the events before it are appended.
+        """
         async with receive:
-            async for key, payload in receive:
-                batch: dict[str, list[bytes]] = {key: [payload]}
+            async for item in receive:
+                batch = [item]
                 while True:
                     try:
-                        key, payload = receive.receive_nowait()
+                        batch.append(receive.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                    batch.setdefault(key, []).append(payload)
-                for reply_key, events in batch.items():
+                events: dict[str, list[bytes]] = {}
+                acks: dict[int, list[str]] = {}
+                for kind, key, partition, entry_id, payload in batch:
+                    if kind == "event":
+                        events.setdefault(key, []).append(payload)
+                    else:
+                        acks.setdefault(partition, []).append(entry_id)
+                for reply_key, payloads in events.items():
                     try:
-                        await self._inbox.publish(reply_key, events)
+                        await self._inbox.publish(reply_key, payloads)
                     except PersistenceError as exc:
                         self._log.warning("reply.publish_failed", key=reply_key, error=str(exc))
+                for partition, entry_ids in acks.items():
+                    try:
+                        await self._inbox.ack(partition, entry_ids)
+                    except PersistenceError as exc:
+                        # Pending still: redelivered later, answered as a duplicate.
+                        self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))

@@ -199,6 +199,31 @@ class FaultyStore:
         existed: bool = await self._call("delete", thread_id, epoch=epoch)
         return existed
 
+    # The durable inbox: told messages fail like every other call.
+
+    async def enqueue(self, thread_id: str, message_id: str, envelope: bytes) -> None:
+        await self._call("enqueue", thread_id, message_id, envelope)
+
+    async def pending(self, thread_id: str) -> list[Any]:
+        entries: list[Any] = await self._call("pending", thread_id)
+        return entries
+
+    async def dequeue(self, thread_id: str, message_id: str) -> bool:
+        removed: bool = await self._call("dequeue", thread_id, message_id)
+        return removed
+
+    async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
+        moved: bool = await self._call("dead_letter", thread_id, message_id, reason)
+        return moved
+
+    async def dead_letters(self, thread_id: str) -> list[Any]:
+        letters: list[Any] = await self._call("dead_letters", thread_id)
+        return letters
+
+    async def recoverable_threads(self) -> list[Any]:
+        threads: list[Any] = await self._call("recoverable_threads")
+        return threads
+
 
 # -- the Nth-call sweep -----------------------------------------------------------
 

@@ -22,7 +22,9 @@ from threadline.persistence import (
     CommitRequest,
     ConflictError,
     FencedError,
+    InboxEntry,
     PersistenceError,
+    RecoverableThread,
     RedisSnapshotStore,
     SnapshotStore,
     SqliteSnapshotStore,
@@ -490,6 +492,193 @@ async def test_commit_after_close_is_refused(store_kind: str, open_store: OpenSt
         assert await store.read_steps("t") == [step("t", v) for v in (1, 2, 3)]
 
 
+# -- the inbox -------------------------------------------------------------------------
+
+
+def ids(entries: Sequence[InboxEntry]) -> list[str]:
+    return [e.message_id for e in entries]
+
+
+async def test_inbox_keeps_arrival_order_and_ignores_a_repeated_id(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    assert await snapshot_store.pending("t") == []
+    for mid in ("m2", "m1", "m3"):
+        await snapshot_store.enqueue("t", mid, f"env {mid}".encode())
+    await snapshot_store.enqueue("t", "m1", b"a retry: ignored")
+    await snapshot_store.enqueue("other", "m1", b"same id, other thread")
+    expected = [
+        InboxEntry("m2", b"env m2"),
+        InboxEntry("m1", b"env m1"),
+        InboxEntry("m3", b"env m3"),
+    ]
+    assert await snapshot_store.pending("t") == expected
+    assert await snapshot_store.pending("other") == [InboxEntry("m1", b"same id, other thread")]
+    # An inbox is not a thread: no head, no steps.
+    assert await snapshot_store.load("t") is None
+    assert await snapshot_store.threads() == []
+    async with open_store(store_kind) as second:  # durable: another "process" sees it
+        assert await second.pending("t") == expected
+
+
+async def test_many_concurrent_enqueues_keep_each_threads_order(
+    snapshot_store: SnapshotStore,
+) -> None:
+    async def tell(thread_id: str) -> None:
+        for i in range(20):
+            await snapshot_store.enqueue(thread_id, f"{thread_id}-{i}", b"x")
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(10):
+                tg.start_soon(tell, f"t{n}")
+    for n in range(10):
+        assert ids(await snapshot_store.pending(f"t{n}")) == [f"t{n}-{i}" for i in range(20)]
+
+
+async def test_the_consuming_commit_removes_the_inbox_entry(snapshot_store: SnapshotStore) -> None:
+    for mid in ("a", "b", "c"):
+        await snapshot_store.enqueue("t", mid, mid.encode())
+    epoch = await snapshot_store.acquire("t")
+    await snapshot_store.commit(
+        CommitRequest(
+            thread_id="t", expected_version=0, epoch=epoch, step=b"1", consumed="b", turn="b"
+        )
+    )
+    assert ids(await snapshot_store.pending("t")) == ["a", "c"]
+    # A commit that fails removes nothing.
+    with pytest.raises(ConflictError):
+        await snapshot_store.commit(
+            CommitRequest(thread_id="t", expected_version=0, epoch=epoch, step=b"x", consumed="a")
+        )
+    assert ids(await snapshot_store.pending("t")) == ["a", "c"]
+    # Consuming an id that is not in the inbox is fine (an ask, a recovered duplicate).
+    await snapshot_store.commit(
+        CommitRequest(thread_id="t", expected_version=1, epoch=epoch, step=b"2", consumed="zz")
+    )
+    assert ids(await snapshot_store.pending("t")) == ["a", "c"]
+    # Consumed and removed, a retried id is appended again (its consumer knows the id).
+    await snapshot_store.enqueue("t", "b", b"b again")
+    assert ids(await snapshot_store.pending("t")) == ["a", "c", "b"]
+
+
+async def test_dequeue_and_dead_letters(snapshot_store: SnapshotStore) -> None:
+    for mid in ("a", "b", "c"):
+        await snapshot_store.enqueue("t", mid, mid.encode())
+    assert await snapshot_store.dequeue("t", "a") is True
+    assert await snapshot_store.dequeue("t", "a") is False
+    assert await snapshot_store.dequeue("nobody", "a") is False
+    assert await snapshot_store.dead_letters("t") == []
+    assert await snapshot_store.dead_letter("t", "b", "cannot decode: garbage") is True
+    assert await snapshot_store.dead_letter("t", "b", "again") is False
+    assert ids(await snapshot_store.pending("t")) == ["c"]
+    (dead,) = await snapshot_store.dead_letters("t")
+    assert (dead.message_id, dead.envelope, dead.reason) == ("b", b"b", "cannot decode: garbage")
+    assert dead.ts > 0
+    assert await snapshot_store.dead_letters("other") == []
+
+
+async def test_recoverable_threads_are_those_with_a_turn_or_an_inbox(
+    snapshot_store: SnapshotStore, store_kind: str, open_store: OpenStore
+) -> None:
+    assert await snapshot_store.recoverable_threads() == []
+
+    async def commit(thread_id: str, version: int, epoch: int, turn: str | None) -> None:
+        await snapshot_store.commit(
+            CommitRequest(
+                thread_id=thread_id, expected_version=version, epoch=epoch, step=b"s", turn=turn
+            )
+        )
+
+    epochs = {tid: await snapshot_store.acquire(tid) for tid in ("parked", "done", "both", "gone")}
+    await commit("parked", 0, epochs["parked"], "m1")
+    await commit("parked", 1, epochs["parked"], "m1")  # the turn goes on
+    await commit("done", 0, epochs["done"], "m1")
+    await commit("done", 1, epochs["done"], None)  # the turn ended
+    await commit("both", 0, epochs["both"], "x")
+    await snapshot_store.enqueue("both", "y", b"y")
+    await snapshot_store.enqueue("inbox-only", "z", b"z")
+    await commit("gone", 0, epochs["gone"], "g")
+    await snapshot_store.enqueue("gone", "h", b"h")
+    assert await snapshot_store.delete("gone") is True  # the turn goes, the inbox stays
+    expected = [
+        RecoverableThread(thread_id="both", turn="x"),
+        RecoverableThread(thread_id="gone"),
+        RecoverableThread(thread_id="inbox-only"),
+        RecoverableThread(thread_id="parked", turn="m1"),
+    ]
+    assert await snapshot_store.recoverable_threads() == expected
+    async with open_store(store_kind) as second:
+        assert await second.recoverable_threads() == expected
+    await snapshot_store.dequeue("inbox-only", "z")
+    await snapshot_store.dead_letter("gone", "h", "bad")
+    await commit("parked", 2, epochs["parked"], None)
+    assert await snapshot_store.recoverable_threads() == [
+        RecoverableThread(thread_id="both", turn="x")
+    ]
+
+
+async def test_inbox_of_odd_thread_ids(snapshot_store: SnapshotStore) -> None:
+    odd = ["a{b}c", "}{", "%7B", "ünï: c{o}de", "x" * 256]
+    for tid in odd:
+        await snapshot_store.enqueue(tid, "m", tid.encode())
+    for tid in odd:
+        assert await snapshot_store.pending(tid) == [InboxEntry("m", tid.encode())]
+    found = await snapshot_store.recoverable_threads()
+    assert [r.thread_id for r in found] == sorted(odd)
+
+
+async def test_sqlite_enqueues_share_the_group_commit(tmp_path: Path) -> None:
+    """Many tells are a few transactions, not one fsync each; one that cannot be
+    stored fails alone."""
+    async with SqliteSnapshotStore(tmp_path / "burst.db") as store:
+        committer = store._committer
+        assert committer is not None
+        sizes: list[int] = []
+        real_flush = committer._flush
+
+        async def counting_flush(items: Sequence[Any]) -> Sequence[object]:
+            sizes.append(len(items))
+            return await real_flush(items)
+
+        committer._flush = counting_flush
+        failures: list[BaseException] = []
+
+        async def tell(i: int) -> None:
+            # An int too large for SQLite cannot be stored: that one request
+            # must fail on its own, the batch around it must not.
+            envelope: Any = (1 << 70) if i == 7 else b"e"
+            try:
+                await store.enqueue(f"t{i % 10}", f"m{i}", envelope)
+            except StoreUnavailableError as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(tell, i)
+        assert sum(sizes) == 200
+        assert len(sizes) < 20
+        assert len(failures) == 1 and "m7" in str(failures[0])
+        stored = [m for n in range(10) for m in ids(await store.pending(f"t{n}"))]
+        assert sorted(stored) == sorted(f"m{i}" for i in range(200) if i != 7)
+
+
+async def test_sqlite_file_without_the_turn_column_gains_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with SqliteSnapshotStore(path) as store:
+        epoch = await store.acquire("t")
+        await store.commit(req("t", 0, epoch))
+    with sqlite3.connect(path) as conn:  # as a threadline without the inbox left it
+        conn.execute("ALTER TABLE threads DROP COLUMN turn")
+    async with SqliteSnapshotStore(path) as store:
+        assert await store.recoverable_threads() == []
+        await store.commit(
+            CommitRequest(thread_id="t", expected_version=1, epoch=epoch, step=b"2", turn="m")
+        )
+        assert await store.recoverable_threads() == [RecoverableThread(thread_id="t", turn="m")]
+        assert await store.read_steps("t") == [step("t", 1), b"2"]
+
+
 # -- sqlite specifics ------------------------------------------------------------------
 
 
@@ -542,6 +731,9 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
         for thread_id in ids:
             epoch = await store.acquire(thread_id)
             await store.commit(req(thread_id, 0, epoch, full=b"full"))
+            for mid in ("m1", "m2", "m3"):
+                await store.enqueue(thread_id, mid, b"envelope")
+            await store.dead_letter(thread_id, "m2", "bad")
     raw = redis.asyncio.Redis.from_url(redis_server.url)
     try:
         keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}:*", count=1000)]
@@ -557,7 +749,9 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
     assert set(by_tag) == {_escape(thread_id) for thread_id in ids}
     for thread_id in ids:
         base = f"{redis_prefix}:t:{{{_escape(thread_id)}}}"
-        assert by_tag[_escape(thread_id)] == {f"{base}:head", f"{base}:steps", f"{base}:full"}
+        assert by_tag[_escape(thread_id)] == {
+            f"{base}:{name}" for name in ("head", "steps", "full", "inbox", "told", "dead")
+        }
 
 
 @pytest.mark.redis
@@ -622,6 +816,14 @@ async def test_redis_reloads_flushed_scripts(redis_server: Any, open_store: Open
         assert loaded.steps == [step("t", 1), step("t", 2)]
         await _flush_scripts(redis_server.url)
         assert await store.delete("t") is True
+        for mid in ("a", "b", "c"):
+            await _flush_scripts(redis_server.url)
+            await store.enqueue("t", mid, mid.encode())
+        await _flush_scripts(redis_server.url)
+        assert await store.dequeue("t", "a") is True
+        await _flush_scripts(redis_server.url)
+        assert await store.dead_letter("t", "b", "bad") is True
+        assert await store.pending("t") == [InboxEntry("c", b"c")]
 
 
 @pytest.mark.redis

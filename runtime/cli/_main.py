@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,8 +35,11 @@ from threadline.actors import (
     TurnFailedError,
 )
 
+from .._client import ThreadClient
 from .._door import check_thread_id
+from .._remote import Client
 from .._system import ActorSystem
+from .._worker import Worker
 from ..agent import Agent
 from ..models import ChatModel, OpenAIChatModel, demo_model, word_count
 
@@ -57,6 +62,7 @@ EPILOG = f"""examples:
   threadline threads --db redis://localhost:6379/0
 
 Logs: -v shows threadline's info logs on stderr, -vv its debug logs."""
+SYSTEM_PROMPT = "You are a helpful assistant."
 DB_HELP = f"a SQLite path or a redis:// URL (default: ./{DEFAULT_DB})"
 
 
@@ -164,17 +170,25 @@ async def _readline(stdin: TextIO) -> str:
 async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     # The command line is checked before anything is opened (or created).
     check_thread_id(args.thread, MAX_THREAD_ID)
-    model = _model(args.model, args.base_url)
-    agent: Agent[Any] = Agent(
-        model=model, tools=[word_count], system_prompt="You are a helpful assistant."
-    )
     async with contextlib.AsyncExitStack() as stack:
-        aclose = getattr(model, "aclose", None)
-        if aclose is not None:
-            stack.push_async_callback(aclose)  # the HTTP client of a real model
-        system = await stack.enter_async_context(
-            ActorSystem(agent, snapshots=args.db, max_thread_id_length=MAX_THREAD_ID)
-        )
+        system: ThreadClient[Any]
+        where = args.db
+        if args.workers is not None:
+            # The threads run in workers (``threadline worker``); talk over Redis.
+            if args.model is not None:
+                raise UsageError("--model belongs to the workers' app, not to --workers chat")
+            system = await stack.enter_async_context(Client(args.workers))
+            where = args.workers
+        else:
+            model = _model(args.model, args.base_url)
+            agent: Agent[Any] = Agent(model=model, tools=[word_count], system_prompt=SYSTEM_PROMPT)
+            aclose = getattr(model, "aclose", None)
+            if aclose is not None:
+                stack.push_async_callback(aclose)  # the HTTP client of a real model
+            local = await stack.enter_async_context(
+                ActorSystem(agent, snapshots=args.db, max_thread_id_length=MAX_THREAD_ID)
+            )
+            system = local.client
         try:
             snapshot = await system.get_state(args.thread)
             print(
@@ -183,7 +197,7 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
                 file=stdout,
             )
         except ThreadNotFoundError:
-            print(f"(new thread {args.thread!r} in {args.db})", file=stdout)
+            print(f"(new thread {args.thread!r} in {where})", file=stdout)
         print("Type a message; /quit, end of input or Ctrl-C to leave.", file=stdout)
         while True:
             print("you> ", end="", file=stdout, flush=True)
@@ -277,10 +291,55 @@ async def _threads(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> i
     return 0
 
 
+async def _worker(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    agent = load_app(args.app) if args.app else demo_agent()
+    async with Worker(
+        agent,
+        args.redis,
+        prefix=args.prefix,
+        partitions=args.partitions,
+        lease_ttl=args.lease_ttl,
+    ) as worker:
+        print(
+            f"worker {worker.worker_id} serving {args.app or 'the demo agent'} "
+            f"from {args.redis} ({worker.layout.partitions if worker.layout else '?'} partitions)",
+            file=stdout,
+            flush=True,
+        )
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.serve)
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+    return 0
+
+
+def demo_agent() -> Agent[Any]:
+    return Agent(model=demo_model(), tools=[word_count], system_prompt=SYSTEM_PROMPT)
+
+
+def load_app(spec: str) -> Agent[Any]:
+    """The Agent named by ``module:attribute`` (an Agent, or a function returning one)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"--app must look like module:name, got {spec!r}")
+    sys.path.insert(0, os.getcwd())  # as python -m does: apps in the working directory
+    try:
+        target: Any = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load --app {spec}: {exc}") from exc
+    if callable(target) and not isinstance(target, Agent):
+        target = target()
+    if not isinstance(target, Agent):
+        raise UsageError(f"--app {spec} is a {type(target).__name__}, not an Agent")
+    return target
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[int]]] = {
     "chat": _chat,
     "inspect": _inspect,
     "threads": _threads,
+    "worker": _worker,
 }
 
 
@@ -325,6 +384,44 @@ def _parser() -> _Parser:
         metavar="URL",
         help="the OpenAI-compatible server (default: $OPENAI_BASE_URL or OpenAI's)",
     )
+    chat.add_argument(
+        "--workers",
+        default=None,
+        metavar="REDIS_URL",
+        help="talk to threads served by workers on this Redis (threadline worker)",
+    )
+    worker = sub.add_parser(
+        "worker",
+        help="serve threads from a Redis deployment, beside other workers",
+        description="Serve an app's threads from a Redis deployment: lease a share of "
+        "its partitions, read their inboxes, run the turns. Stop with Ctrl-C or SIGTERM "
+        "(in-flight steps finish, the partitions are handed back).",
+    )
+    worker.add_argument("--redis", required=True, metavar="URL", help="the deployment's Redis")
+    worker.add_argument(
+        "--app",
+        default=None,
+        metavar="MODULE:NAME",
+        help="the Agent to serve, e.g. myapp.agents:support (default: the offline demo agent)",
+    )
+    worker.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the partition count of a new deployment (fixed once used; default 64)",
+    )
+    worker.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a crashed worker's partitions wait for a new owner (default 10)",
+    )
+    worker.add_argument("--prefix", default="tl", help="the deployment's key prefix (default tl)")
+    worker.add_argument(
+        "-v", "--verbose", action="count", default=0, help="show threadline's logs on stderr"
+    )
     inspect = sub.add_parser(
         "inspect",
         parents=[common],
@@ -338,7 +435,7 @@ def _parser() -> _Parser:
         help="list the threads in a database",
         description="List the threads in a database, one id a line.",
     )
-    parser.commands = {"chat": chat, "inspect": inspect, "threads": threads}
+    parser.commands = {"chat": chat, "inspect": inspect, "threads": threads, "worker": worker}
     return parser
 
 
