@@ -1,6 +1,7 @@
 """Run the benchmarks.
 
-``python -m benchmarks [w1 w2 w3 raw memory | all] [--quick] [--json PATH] [--redis-url URL]``
+``python -m benchmarks [w1 w2 w3 raw memory hooks cluster | all] [--quick] [--json PATH]
+[--redis-url URL]``
 
 ``python -m benchmarks soak [--minutes N | --quick]``: fault injection judged by the
 history checker (``benchmarks/_soak.py``).
@@ -8,7 +9,9 @@ history checker (``benchmarks/_soak.py``).
 Prints a markdown table per workload (threadline on SQLite ``synchronous=FULL``
 and on Redis with ``appendfsync always``; LangGraph on AsyncSqliteSaver and
 InMemorySaver from the same run when ``langgraph`` is importable), then the
-targets. Progress goes to stderr.
+targets. ``cluster`` runs worker processes (``threadline worker``) on the same
+Redis and compares them with the in-process system (``benchmarks/_cluster.py``).
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import anyio
 import redis
 
-from . import _concurrency, _history, _hooks, _memory, _raw, _rehydrate
+from . import _cluster, _concurrency, _history, _hooks, _memory, _raw, _rehydrate
 from ._common import (
     fresh_heap,
     note,
@@ -40,7 +43,7 @@ from ._common import (
     table,
 )
 
-WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks")
+WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks", "cluster")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,13 @@ class Sizes:
     commit_turns: int = 5
     memory_threads: int = 100_000
     hook_turns: int = 400
+    cluster_lease_ttls: tuple[float, ...] = (10.0, 2.0)
+    cluster_kills: int = 5
+    cluster_partitions: int = 16
+    cluster_orphans: int = 3
+    cluster_tells: int = 1000
+    cluster_asks: int = 500
+    cluster_workers: tuple[int, ...] = (1, 2, 4)
 
 
 FULL = Sizes()
@@ -77,6 +87,13 @@ QUICK = Sizes(
     commit_turns=2,
     memory_threads=2000,
     hook_turns=10,
+    cluster_lease_ttls=(1.0,),
+    cluster_kills=1,
+    cluster_partitions=4,
+    cluster_orphans=2,
+    cluster_tells=40,
+    cluster_asks=30,
+    cluster_workers=(1, 2),
 )
 
 LABELS = {
@@ -195,6 +212,22 @@ async def run_suite(
             await measured(_hooks.run, "sqlite", sizes.hook_turns),
         ]
         show(_hooks_table(report["hooks"]))
+    if "cluster" in workloads:
+        note("cluster: worker processes and Client vs the in-process system, same Redis")
+        report["cluster"] = await _cluster.run(
+            redis_url,
+            lease_ttls=sizes.cluster_lease_ttls,
+            kills=sizes.cluster_kills,
+            partitions=sizes.cluster_partitions,
+            orphans=sizes.cluster_orphans,
+            tells=sizes.cluster_tells,
+            asks=sizes.cluster_asks,
+            threads=sizes.w2_threads,
+            turns=sizes.w2_turns,
+            inflight=sizes.w2_inflight,
+            worker_counts=sizes.cluster_workers,
+        )
+        show(_cluster_table(report["cluster"]))
     report["targets"] = targets(report)
     show(_targets_table(report["targets"]))
     return report
@@ -342,6 +375,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     r["overhead"] < 0.10,
                 )
             )
+    if "cluster" in report:
+        out += [_target(*t) for t in _cluster.targets(report["cluster"])]
     if skipped:
         for t in out:
             if t["holds"] is None:
@@ -601,6 +636,122 @@ def _memory_table(m: dict[str, Any]) -> str:
         )
         + "\n\nOne message each (`hello <n>`), answered with the 200-character reply; "
         "the target is on RSS delta minus the msgpack size of the state."
+    )
+
+
+def _cluster_table(c: dict[str, Any]) -> str:
+    verdict = {True: "yes", False: "**no**"}
+    holds = {name: verdict[ok] for name, _, ok in _cluster.targets(c)}
+    names = list(holds)
+
+    def ms(r: dict[str, Any]) -> str:
+        return f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms (n={r['n']})"
+
+    rows = []
+    for i, f in enumerate(c["failover"]):
+        rows.append(
+            [
+                f"failover, lease TTL {f['lease_ttl']:g} s: SIGKILL -> next committed step of "
+                f"an orphaned thread, p50 / p99 ({f['kills']} kills, {f['orphaned_threads']} "
+                f"threads; 2 workers, {f['partitions']} partitions)",
+                f"{f['p50_s']:.2f} / {f['p99_s']:.2f} s (lease taken over after "
+                f"{f['lease_moved_p50_s']:.2f} s p50)",
+                "n/a (one process)",
+                f"<= {f['lease_ttl'] + 2:g} s",
+                holds[names[i]],
+            ]
+        )
+    n = len(c["failover"])
+    rows.append(
+        [
+            "tell acknowledgement (durable), p50 / p99",
+            ms(c["tell"]["cluster"]),
+            ms(c["tell"]["in_process"]),
+            "p99 <= 5 ms",
+            holds[names[n]],
+        ]
+    )
+    rows.append(
+        [
+            "ask (Client -> worker process -> reply stream), p50 / p99",
+            ms(c["ask"]["cluster"]),
+            ms(c["ask"]["in_process"]),
+            "p50 <= in-process + 3 ms",
+            holds[names[n + 1]],
+        ]
+    )
+    w2 = c["w2"]
+    local = next(r for r in w2 if r["system"] == "in-process")
+    one = next((r for r in w2 if r["workers"] == 1), None)
+    for r in w2:
+        if r["system"] != "cluster":
+            continue
+        rows.append(
+            [
+                f"W2 through Client + {r['workers']} worker process(es): turns/s, p99",
+                f"{r['turns_per_s']:.0f} turns/s, p99 {r['p99_ms']:.1f} ms",
+                f"{local['turns_per_s']:.0f} turns/s, p99 {local['p99_ms']:.1f} ms",
+                "",
+                "",
+            ]
+        )
+    head = table(
+        [
+            "workload",
+            "threadline cluster (Client + worker processes)",
+            "in-process peer (ActorSystem, same Redis)",
+            "target",
+            "holds",
+        ],
+        rows,
+    )
+
+    def cores(r: dict[str, Any]) -> str:
+        k = r["cpu_cores"]
+        return (
+            f"{_fmt(k['workers'] if r['workers'] else None, '.2f')} / {k['client']:.2f} / "
+            f"{k['redis']:.2f} / {k['total']:.2f}"
+        )
+
+    cpu = table(
+        [
+            "W2 run",
+            "turns/s",
+            "p50 / p99 ms",
+            "x 1 worker",
+            "x in process",
+            "CPU cores used: workers / client / redis-server / total",
+            "wall s",
+        ],
+        [
+            [
+                "in process (ActorSystem)"
+                if r["workers"] == 0
+                else f"Client + {r['workers']} worker process(es)",
+                f"{r['turns_per_s']:.0f}",
+                f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
+                _fmt(r["turns_per_s"] / one["turns_per_s"] if one else None, ".2f"),
+                f"{r['turns_per_s'] / local['turns_per_s']:.2f}",
+                cores(r),
+                f"{r['seconds']:.2f}",
+            ]
+            for r in w2
+        ],
+    )
+    return (
+        f"## Cluster: worker processes on one Redis (appendfsync always), "
+        f"{c['cores']} cores\n\n{head}\n\n"
+        f"### W2 ({local['threads']} threads x {local['turns_per_thread']} turns, "
+        f"{local['inflight']} in flight): where the CPU goes\n\n{cpu}\n\n"
+        "Workers are `threadline worker` processes serving a ScriptedModel agent that answers "
+        "at once; the peer is an ActorSystem with the same agent on a RedisSnapshotStore of "
+        "the same server. Failover: two workers; each kill is a SIGKILL of one of them right "
+        "after its orphaned threads took a turn on it, then one ask per orphaned thread; the "
+        "time runs from the kill to that ask's reply (sent once the step is committed); the "
+        "killed worker is replaced and the partitions settle before the next kill. CPU: "
+        "`/proc/<pid>/stat` of each worker, this process's own (the client), the server's "
+        "`INFO cpu`, each over the wall time of the run; the total against the cores is the "
+        "ceiling."
     )
 
 
