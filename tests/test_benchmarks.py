@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tests.conftest import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks")
+WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks", "cluster")
 
 
 def _hide(tmp_path: Path, *packages: str) -> dict[str, str]:
@@ -154,6 +154,21 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
     assert memory["rss_after"] > memory["rss_before"] > 0
     assert _positive(memory["state_bytes_per_thread"])
 
+    # The cluster: worker processes were killed and replaced, and served every figure.
+    cluster = report["cluster"]
+    for f in cluster["failover"]:
+        assert f["kills"] >= 1 and len(f["samples_s"]) == f["orphaned_threads"] >= 1, f
+        assert 0 < f["lease_moved_p50_s"] <= f["max_s"], f  # the lease moved before the step
+        assert 0 < f["p50_s"] <= f["p99_s"] <= f["max_s"], f
+    for part in ("tell", "ask"):
+        for side in ("cluster", "in_process"):
+            r = cluster[part][side]
+            assert r["n"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"], (part, side)
+    assert [r["workers"] for r in cluster["w2"]] == [0, *report["meta"]["sizes"]["cluster_workers"]]
+    for r in cluster["w2"]:
+        assert _positive(r["turns_per_s"]) and _positive(r["cpu_cores"]["client"]), r
+        assert _positive(r["cpu_cores"]["workers"]) == (r["workers"] > 0), r
+
     # The targets table: one row per target, each with a verdict (None only without the peer).
     names = [t["target"] for t in report["targets"]]
     assert any(n.startswith("W1 SQLite bytes/turn") for n in names)
@@ -162,10 +177,21 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
     assert sum(n.startswith("durable commits/s") for n in names) == 2
     assert any(n.startswith("memory beyond state") for n in names)
     assert any(n.startswith("a turn with 5 no-op hooks") for n in names)
+    assert sum(n.startswith("failover (lease TTL") for n in names) == len(cluster["failover"])
+    assert any(n.startswith("Client.tell acknowledgement") for n in names)
+    assert any(n.startswith("remote ask p50") for n in names)
     for t in report["targets"]:
         assert (t["holds"] is None) == (not peer and "LangGraph" in t["target"]), t
 
-    for heading in ("## W1", "## W2", "## W3", "## Raw limits", "## Memory", "## Targets"):
+    for heading in (
+        "## W1",
+        "## W2",
+        "## W3",
+        "## Raw limits",
+        "## Memory",
+        "## Cluster",
+        "## Targets",
+    ):
         assert heading in stdout
     assert "RediSearch" in stdout  # the peer's Redis saver is reported, not faked
 
