@@ -682,13 +682,25 @@ def _cluster_table(c: dict[str, Any]) -> str:
     )
     w2 = c["w2"]
     local = next(r for r in w2 if r["system"] == "in-process")
-    one = next((r for r in w2 if r["workers"] == 1), None)
+    sized = [r for r in w2 if r["system"] == "cluster" and r["client_pool"] > 16]
+    one = next((r for r in sized if r["workers"] == 1), None)
+
+    def run_name(r: dict[str, Any]) -> str:
+        if r["system"] == "in-process":
+            return "in process (ActorSystem)"
+        pool = (
+            "default pool of 16 connections"
+            if r["client_pool"] <= 16
+            else f"pool of {r['client_pool']} connections"
+        )
+        return f"Client ({pool}) + {r['workers']} worker process(es)"
+
     for r in w2:
         if r["system"] != "cluster":
             continue
         rows.append(
             [
-                f"W2 through Client + {r['workers']} worker process(es): turns/s, p99",
+                f"W2 through {run_name(r)}: turns/s, p99",
                 f"{r['turns_per_s']:.0f} turns/s, p99 {r['p99_ms']:.1f} ms",
                 f"{local['turns_per_s']:.0f} turns/s, p99 {local['p99_ms']:.1f} ms",
                 "",
@@ -721,18 +733,18 @@ def _cluster_table(c: dict[str, Any]) -> str:
             "x 1 worker",
             "x in process",
             "CPU cores used: workers / client / redis-server / total",
+            "Redis commands/turn",
             "wall s",
         ],
         [
             [
-                "in process (ActorSystem)"
-                if r["workers"] == 0
-                else f"Client + {r['workers']} worker process(es)",
+                run_name(r),
                 f"{r['turns_per_s']:.0f}",
                 f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}",
                 _fmt(r["turns_per_s"] / one["turns_per_s"] if one else None, ".2f"),
                 f"{r['turns_per_s'] / local['turns_per_s']:.2f}",
                 cores(r),
+                f"{r['redis_commands_per_turn']:.1f}",
                 f"{r['seconds']:.2f}",
             ]
             for r in w2
@@ -751,7 +763,9 @@ def _cluster_table(c: dict[str, Any]) -> str:
         "killed worker is replaced and the partitions settle before the next kill. CPU: "
         "`/proc/<pid>/stat` of each worker, this process's own (the client), the server's "
         "`INFO cpu`, each over the wall time of the run; the total against the cores is the "
-        "ceiling."
+        "ceiling. x 1 worker: against Client (a connection per request in flight) + 1 worker. "
+        "Redis commands/turn: every command the server processed during the run (blocking "
+        "reads that time out and lease renewals included) over the turns."
     )
 
 

@@ -16,10 +16,14 @@ same agent in this process. Every part uses a deployment prefix of its own.
   same time) vs ``ActorSystem.tell``; the time until each returns (durable).
 - ask: sequential ``Client.ask`` on warm threads (Client -> worker -> reply
   stream) vs ``ActorSystem.ask``, in alternating blocks.
-- W2: T threads x N turns, K in flight (``_concurrency.drive``), through
-  ``Client.ask`` and 1, 2, 4 workers, and in process; with the CPU time each
-  process spent (``/proc/<pid>/stat`` of the workers, this process's own, and
-  the server's ``INFO cpu``) over the wall time: what limits the throughput.
+- W2: T threads x N turns, K in flight (``_concurrency.drive``), in process,
+  and through ``Client.ask`` and 1, 2, 4 workers. The Client gets a pool of
+  16 + K connections (every waiting ask holds one for its blocking read of the
+  reply stream); one more run with 1 worker and the Client's default pool (16)
+  shows what that default costs. With the CPU time each process spent
+  (``/proc/<pid>/stat`` of the workers, this process's own, and the server's
+  ``INFO cpu``) over the wall time, and the server's commands per turn: what
+  limits the throughput.
 """
 
 from __future__ import annotations
@@ -351,6 +355,9 @@ class CpuMeter:
             "redis": await self._redis(),
         }
 
+    async def commands(self) -> int:
+        return int((await self.r.info("stats"))["total_commands_processed"])
+
 
 async def _w2_measured(
     label: str,
@@ -360,18 +367,61 @@ async def _w2_measured(
     turns: int,
     inflight: int,
 ) -> dict[str, Any]:
+    commands = await meter.commands()
     before = await meter.sample()
     out = await drive(label, ask, threads, turns, inflight, prefix="cw2")
     after = await meter.sample()
+    out["redis_commands_per_turn"] = (await meter.commands() - commands - 2) / (threads * turns)
     wall = out["seconds"]
     out["cpu_cores"] = {k: (after[k] - before[k]) / wall for k in before}
     out["cpu_cores"]["total"] = sum(out["cpu_cores"].values())
     return out
 
 
+DEFAULT_POOL = 16
+"""``Client``'s default ``max_connections`` (``client_from_url``): each waiting ask
+holds one for its blocking read of the reply stream."""
+
+
+async def _w2_cluster(
+    r: redis.asyncio.Redis,
+    url: str,
+    n: int,
+    pool_size: int | None,
+    threads: int,
+    turns: int,
+    inflight: int,
+    partitions: int,
+) -> dict[str, Any]:
+    prefix = _prefix(f"w2x{n}")
+    options = {} if pool_size is None else {"max_connections": pool_size}
+    label = f"W2 cluster x{n}" + ("" if pool_size else " (default Client pool)")
+    note(f"  {label}")
+    async with deployment(url, prefix, partitions) as d:
+        with pool(url, prefix, partitions, 2.0) as workers:
+            for _ in range(n):
+                workers.start()
+            await d.settled(workers)
+            async with Client[Any](url, prefix=prefix, **options) as client:
+                out = await _w2_measured(
+                    label, client.ask, CpuMeter(r, workers.alive), threads, turns, inflight
+                )
+                state = await client.get_state("cw2-0")
+                assert len(state.state.messages) == 2 * turns
+    out.update(system="cluster", workers=n, client_pool=pool_size or DEFAULT_POOL)
+    return out
+
+
 async def w2(
-    url: str, threads: int, turns: int, inflight: int, counts: tuple[int, ...], partitions: int
+    url: str,
+    threads: int,
+    turns: int,
+    inflight: int,
+    counts: tuple[int, ...],
+    partitions: int,
 ) -> list[dict[str, Any]]:
+    """In process; Client (default pool) + 1 worker; Client (a connection per
+    request in flight) + each of ``counts`` workers."""
     results = []
     async with open_redis(url, "cluster benchmark cpu") as r:
         note(f"  W2 in process: {threads} threads x {turns} turns, {inflight} in flight")
@@ -379,29 +429,13 @@ async def w2(
             out = await _w2_measured(
                 "W2 in process", local.ask, CpuMeter(r, set()), threads, turns, inflight
             )
-        out.update(system="in-process", workers=0)
+        out.update(system="in-process", workers=0, client_pool=None)
         results.append(out)
-        for n in counts:
-            prefix = _prefix(f"w2x{n}")
-            note(f"  W2 through Client + {n} worker process(es)")
-            async with deployment(url, prefix, partitions) as d:
-                with pool(url, prefix, partitions, 2.0) as workers:
-                    for _ in range(n):
-                        workers.start()
-                    await d.settled(workers)
-                    async with Client[Any](url, prefix=prefix) as client:
-                        out = await _w2_measured(
-                            f"W2 cluster x{n}",
-                            client.ask,
-                            CpuMeter(r, workers.alive),
-                            threads,
-                            turns,
-                            inflight,
-                        )
-                        state = await client.get_state("cw2-0")
-                        assert len(state.state.messages) == 2 * turns
-            out.update(system="cluster", workers=n)
-            results.append(out)
+        sized = DEFAULT_POOL + inflight
+        for n, pool_size in [(1, None), *((n, sized) for n in counts)]:
+            results.append(
+                await _w2_cluster(r, url, n, pool_size, threads, turns, inflight, partitions)
+            )
     return results
 
 

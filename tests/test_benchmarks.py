@@ -164,7 +164,8 @@ def test_quick_suite_runs_every_workload(redis_server: RedisServer, tmp_path: Pa
         for side in ("cluster", "in_process"):
             r = cluster[part][side]
             assert r["n"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"], (part, side)
-    assert [r["workers"] for r in cluster["w2"]] == [0, *report["meta"]["sizes"]["cluster_workers"]]
+    sized = report["meta"]["sizes"]["cluster_workers"]
+    assert [r["workers"] for r in cluster["w2"]] == [0, 1, *sized]  # 1: the default pool
     for r in cluster["w2"]:
         assert _positive(r["turns_per_s"]) and _positive(r["cpu_cores"]["client"]), r
         assert _positive(r["cpu_cores"]["workers"]) == (r["workers"] > 0), r
