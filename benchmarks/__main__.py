@@ -725,6 +725,10 @@ def _cluster_table(c: dict[str, Any]) -> str:
             f"{k['redis']:.2f} / {k['total']:.2f}"
         )
 
+    def machine(r: dict[str, Any]) -> str:
+        k = r["cpu_cores"]
+        return f"{k['machine']:.2f} / {k['others']:.2f} / {k['iowait']:.2f}"
+
     cpu = table(
         [
             "W2 run",
@@ -733,6 +737,7 @@ def _cluster_table(c: dict[str, Any]) -> str:
             "x 1 worker",
             "x in process",
             "CPU cores used: workers / client / redis-server / total",
+            "machine busy / other processes / iowait (cores)",
             "Redis commands/turn",
             "wall s",
         ],
@@ -744,6 +749,7 @@ def _cluster_table(c: dict[str, Any]) -> str:
                 _fmt(r["turns_per_s"] / one["turns_per_s"] if one else None, ".2f"),
                 f"{r['turns_per_s'] / local['turns_per_s']:.2f}",
                 cores(r),
+                machine(r),
                 f"{r['redis_commands_per_turn']:.1f}",
                 f"{r['seconds']:.2f}",
             ]
@@ -763,9 +769,10 @@ def _cluster_table(c: dict[str, Any]) -> str:
         "killed worker is replaced and the partitions settle before the next kill. CPU: "
         "`/proc/<pid>/stat` of each worker, this process's own (the client), the server's "
         "`INFO cpu`, each over the wall time of the run; the total against the cores is the "
-        "ceiling. x 1 worker: against Client (a connection per request in flight) + 1 worker. "
-        "Redis commands/turn: every command the server processed during the run (blocking "
-        "reads that time out and lease renewals included) over the turns."
+        "ceiling; machine busy (`/proc/stat`, every process) shows what the machine's other "
+        "tenants took meanwhile. x 1 worker: against Client (a connection per request in "
+        "flight) + 1 worker. Redis commands/turn: every command the server processed during "
+        "the run (blocking reads that time out and lease renewals included) over the turns."
     )
 
 

@@ -337,6 +337,13 @@ async def latencies(url: str, tells: int, asks: int, partitions: int) -> dict[st
 # -- W2 through Client + worker processes ------------------------------------------------
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, iowait) CPU seconds of the whole machine so far, all cores (``/proc/stat``)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = ticks[3], ticks[4]
+    return (sum(ticks[:8]) - idle - iowait) / CLK_TCK, iowait / CLK_TCK
+
+
 class CpuMeter:
     """CPU seconds of the workers, this process and the Redis server over a block."""
 
@@ -349,10 +356,13 @@ class CpuMeter:
         return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
     async def sample(self) -> dict[str, float]:
+        busy, iowait = machine_cpu_seconds()
         return {
             "workers": sum(cpu_seconds(pid) for pid in self.pids),
             "client": time.process_time(),
             "redis": await self._redis(),
+            "machine": busy,
+            "iowait": iowait,
         }
 
     async def commands(self) -> int:
@@ -373,8 +383,10 @@ async def _w2_measured(
     after = await meter.sample()
     out["redis_commands_per_turn"] = (await meter.commands() - commands - 2) / (threads * turns)
     wall = out["seconds"]
-    out["cpu_cores"] = {k: (after[k] - before[k]) / wall for k in before}
-    out["cpu_cores"]["total"] = sum(out["cpu_cores"].values())
+    cores = {k: (after[k] - before[k]) / wall for k in before}
+    cores["total"] = cores["workers"] + cores["client"] + cores["redis"]
+    cores["others"] = max(0.0, cores["machine"] - cores["total"])
+    out["cpu_cores"] = cores
     return out
 
 
@@ -394,7 +406,7 @@ async def _w2_cluster(
     partitions: int,
 ) -> dict[str, Any]:
     prefix = _prefix(f"w2x{n}")
-    options = {} if pool_size is None else {"max_connections": pool_size}
+    options: dict[str, Any] = {} if pool_size is None else {"max_connections": pool_size}
     label = f"W2 cluster x{n}" + ("" if pool_size else " (default Client pool)")
     note(f"  {label}")
     async with deployment(url, prefix, partitions) as d:
