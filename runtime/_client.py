@@ -22,6 +22,7 @@ import anyio
 
 from threadline.actors import AgentState, ThreadNotFoundError
 from threadline.actors._api import (
+    Envelope,
     Reply,
     StepInfo,
     StreamPart,
@@ -114,6 +115,13 @@ class LocalClient(Generic[S]):
         self._system = system
         self._door = system.door
 
+    async def _put(self, envelope: Envelope, reply: Reply | None) -> None:
+        """Into the thread's mailbox (after what recovery queues for it, if it runs)."""
+        system = self._system
+        if system.recovering:
+            await system.admit(envelope.thread_id)
+        await system.route(envelope.thread_id).put(envelope, reply)
+
     async def ask(
         self,
         thread_id: str,
@@ -127,14 +135,10 @@ class LocalClient(Generic[S]):
         envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
         reply = Reply()
         if timeout is None:  # (a cancel scope per ask is measurable at thousands/s)
-            if self._system.recovering:
-                await self._system.admit(thread_id)
-            await self._system.route(thread_id).put(envelope, reply)
+            await self._put(envelope, reply)
             return await reply.wait()  # type: ignore[no-any-return]
         with anyio.fail_after(timeout):
-            if self._system.recovering:
-                await self._system.admit(thread_id)
-            await self._system.route(thread_id).put(envelope, reply)
+            await self._put(envelope, reply)
             result: TurnResult[S] = await reply.wait()
         return result
 
@@ -177,9 +181,7 @@ class LocalClient(Generic[S]):
         send, receive = anyio.create_memory_object_stream[StreamPart](math.inf)
         reply = Reply(sink=send, modes=modes)
         with receive:
-            if self._system.recovering:
-                await self._system.admit(thread_id)
-            await self._system.route(thread_id).put(envelope, reply)
+            await self._put(envelope, reply)
             async for part in receive:
                 yield part
         reply.outcome()
@@ -208,9 +210,7 @@ class LocalClient(Generic[S]):
         envelope = self._door.update(thread_id, update)
         reply = Reply()
         with anyio.fail_after(timeout):
-            if self._system.recovering:
-                await self._system.admit(thread_id)
-            await self._system.route(thread_id).put(envelope, reply)
+            await self._put(envelope, reply)
             snapshot: ThreadSnapshot[S] = await reply.wait()
         return snapshot
 
@@ -228,8 +228,6 @@ class LocalClient(Generic[S]):
     async def delete(self, thread_id: str) -> bool:
         envelope = self._door.delete(thread_id)
         reply = Reply()
-        if self._system.recovering:
-            await self._system.admit(thread_id)
-        await self._system.route(thread_id).put(envelope, reply)
+        await self._put(envelope, reply)
         existed: bool = await reply.wait()
         return existed
