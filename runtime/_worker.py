@@ -182,7 +182,7 @@ class Worker(Generic[S]):
             self.layout = await deployment_layout(client, self.prefix, self._partitions)
             self._inbox = RedisInbox(client, self.layout)
             self._reads = RedisInbox(readers, self.layout)
-            self._lease_table = PartitionLeases(client, layout=self.layout)
+            self._lease_table = PartitionLeases(client, layout=self.layout, ttl_ms=self._ttl_ms)
             self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
             send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
             self._outbound_queue = send
