@@ -125,10 +125,13 @@ class InboxReply(Reply):
 
     def fail(self, error: BaseException) -> None:
         if not self.settled:
-            self._send(error_event(error))
             # A turn that failed has its abort committed: done with. A message the
-            # store or the shutdown cut short is not: it stays for redelivery.
+            # store, a fence or the shutdown cut short is not: it stays pending, and
+            # its redelivery replies on the same stream. An error event now would
+            # tell the sender it failed (and a retry with the same id would read it
+            # again).
             if not isinstance(error, (PersistenceError, SystemClosedError)):
+                self._send(error_event(error))
                 self._ack()
         super().fail(error)
 
@@ -268,8 +271,22 @@ class Worker(Generic[S]):
             granted = await self._lease_table.acquire(partition, self.worker_id)
             if granted is not None:
                 self._leases[partition] = granted
+                self._forget(partition)
                 self._log.info("lease.acquired", partition=partition, epoch=granted.epoch)
                 tg.start_soon(self._read, partition, granted, name=f"threadline inbox {partition}")
+
+    def _forget(self, partition: int) -> None:
+        """Make the partition's threads still in memory reload on their next message.
+
+        They are left from an earlier lease of the partition: its owners since
+        may have moved them on, and a stale actor's commits would be fenced
+        (its message then left pending until the partition moves again).
+        """
+        assert self.layout is not None
+        for thread_id in list(self.system._actors):
+            actor = self.system.live_actor(thread_id)
+            if actor is not None and self.layout.partition_of(thread_id) == partition:
+                actor.ready = False
 
     def _lost(self, partition: int, why: str) -> None:
         self._leases.pop(partition, None)
