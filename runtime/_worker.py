@@ -68,7 +68,9 @@ S = TypeVar("S", bound=AgentState)
 Outbound = tuple[str, str, int, str, bytes]
 """What the worker's outbound task does, in order: ``("event", reply key, 0, "",
 payload)`` appends a reply event; ``("ack", "", partition, entry id, b"")``
-acknowledges an inbox entry."""
+acknowledges an inbox entry; ``("redeliver", "", partition, entry id, b"")``
+hands the partition back (its entry was left pending): acquired again, its
+pending entries are claimed and dispatched again, in stream order."""
 
 
 class InboxReply(Reply):
@@ -133,6 +135,8 @@ class InboxReply(Reply):
             if not isinstance(error, (PersistenceError, SystemClosedError)):
                 self._send(error_event(error))
                 self._ack()
+            else:
+                self._out(("redeliver", "", self._entry[0], self._entry[1], b""))
         super().fail(error)
 
 
@@ -288,6 +292,18 @@ class Worker(Generic[S]):
             if actor is not None and self.layout.partition_of(thread_id) == partition:
                 actor.ready = False
 
+    async def _give_up(self, partition: int, epoch: int) -> None:
+        """Drop the lease of ``epoch`` on ``partition`` (if still held) and its reader."""
+        current = self._leases.get(partition)
+        if current is None or current.epoch != epoch:
+            return
+        del self._leases[partition]
+        scope = self._readers.pop(partition, None)
+        if scope is not None:
+            scope.cancel()
+        with contextlib.suppress(PersistenceError):
+            await self._lease_table.release(current)
+
     def _lost(self, partition: int, why: str) -> None:
         self._leases.pop(partition, None)
         scope = self._readers.pop(partition, None)
@@ -319,12 +335,12 @@ class Worker(Generic[S]):
                         await self._dispatch(partition, entry)
             except PersistenceError as exc:
                 self._log.warning("inbox.read_failed", partition=partition, error=str(exc))
-                # The tick renews or loses the lease; a lost read is retried by
-                # reading again from the claim step.
-                if self._leases.get(partition) is lease:
-                    self._leases.pop(partition, None)
-                    with contextlib.suppress(PersistenceError):
-                        await self._lease_table.release(lease)
+                # Hand the partition back: the tick acquires it again (a new
+                # epoch) and reads again from the claim step. The tick may have
+                # renewed the lease meanwhile (a new Lease value, the same epoch).
+                if self._readers.get(partition) is scope:
+                    del self._readers[partition]
+                await self._give_up(partition, lease.epoch)
         if self._readers.get(partition) is scope:
             del self._readers[partition]
 
@@ -383,11 +399,14 @@ class Worker(Generic[S]):
                         break
                 events: dict[str, list[bytes]] = {}
                 acks: dict[int, list[str]] = {}
+                redeliver: set[int] = set()
                 for kind, key, partition, entry_id, payload in batch:
                     if kind == "event":
                         events.setdefault(key, []).append(payload)
-                    else:
+                    elif kind == "ack":
                         acks.setdefault(partition, []).append(entry_id)
+                    else:
+                        redeliver.add(partition)
                 for reply_key, payloads in events.items():
                     try:
                         await self._inbox.publish(reply_key, payloads)
@@ -399,3 +418,10 @@ class Worker(Generic[S]):
                     except PersistenceError as exc:
                         # Pending still: redelivered later, answered as a duplicate.
                         self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))
+                for partition in sorted(redeliver):
+                    # Left pending while the partition is ours, an entry would wait
+                    # for the partition's next owner: be that owner, from the claim.
+                    held = self._leases.get(partition)
+                    if held is not None:
+                        self._log.info("inbox.redeliver", partition=partition)
+                        await self._give_up(partition, held.epoch)
