@@ -395,7 +395,7 @@ class Worker(Generic[S]):
                 while True:
                     try:
                         batch.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
+                    except (anyio.WouldBlock, anyio.EndOfStream):  # EndOfStream: closed by _leave
                         break
                 events: dict[str, list[bytes]] = {}
                 acks: dict[int, list[str]] = {}

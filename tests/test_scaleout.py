@@ -367,7 +367,7 @@ async def test_a_partition_that_comes_back_reloads_its_threads(
 # -- F1: SIGKILL a worker, again and again ----------------------------------------------
 
 F1_PARTITIONS = 8
-F1_KILLS = 5
+F1_KILLS = 8
 
 
 async def test_f1_sigkilled_workers_lose_nothing_and_apply_once(
