@@ -364,6 +364,37 @@ async def test_a_partition_that_comes_back_reloads_its_threads(
     check(history.ops, histories).assert_ok()
 
 
+async def test_a_worker_recovers_when_its_connections_are_dropped(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Every inbox read fails at once (CLIENT KILL): each reader hands its
+    partition back and the tick acquires it again. (A reader whose lease the
+    tick had renewed once kept the lease renewed and read nothing, for good.)"""
+    url, prefix, P = redis_server.url, redis_prefix, 4
+    threads = [f"drop-{k}" for k in range(4)]
+    history = History()
+    async with (
+        Worker(make_agent(), url, prefix=prefix, partitions=P, lease_ttl=0.5) as w,
+        lease_table(url, prefix, P) as leases,
+        Client(url, prefix=prefix) as client,
+        anyio.create_task_group() as tg,
+    ):
+        workload = Workload(client, history, threads)
+        tg.start_soon(w.serve)
+        await wait_until_balanced(leases, [w.worker_id])
+        with anyio.fail_after(30):
+            for thread in threads:
+                await workload.send(thread, 1)
+            await anyio.sleep(0.3)  # a few ticks: every lease renewed
+            async with open_redis(url, "test") as redis:
+                await redis.client_kill_filter(_type="normal", skipme=True)
+            for thread in threads:
+                await workload.send(thread, 3)
+            histories = await workload.histories()
+        tg.cancel_scope.cancel()
+    check(history.ops, histories).assert_ok()
+
+
 # -- F1: SIGKILL a worker, again and again ----------------------------------------------
 
 F1_PARTITIONS = 8
