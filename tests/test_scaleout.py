@@ -425,10 +425,13 @@ async def test_f1_sigkilled_workers_lose_nothing_and_apply_once(
                 for _ in range(F1_KILLS):
                     await workload.wait_for(rng.randint(5, 40))
                     victim = rng.choice(workers.live)
+                    at = time.time()
+                    workers.kill(victim)
+                    # Read after the kill: the dead hand nothing back, so these
+                    # partitions are orphaned (none moved away just before it).
                     owners = await holders(leases)
                     owned = [p for p, w in owners.items() if w == victim.worker_id]
-                    kills.append((time.time(), victim.worker_id, owned))
-                    workers.kill(victim)
+                    kills.append((at, victim.worker_id, owned))
                     print(f"F1: {time.strftime('%X')} killed {victim.name} holding {owned}")
                     await workers.start(1)
                 # Work goes on until both workers own partitions again.
