@@ -174,6 +174,7 @@ class Worker(Generic[S]):
         self._stack: contextlib.AsyncExitStack | None = None
         self._leases: dict[int, Lease] = {}
         self._readers: dict[int, anyio.CancelScope] = {}
+        self._keeping: anyio.CancelScope | None = None
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
 
@@ -194,6 +195,7 @@ class Worker(Generic[S]):
             send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
             self._outbound_queue = send
             tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg = tg
             tg.start_soon(self._outbound, receive, name="threadline worker outbound")
             # Exit order (last in, first out): the system finishes its in-flight
             # steps (their replies are queued), then the leases go back and the
@@ -217,10 +219,31 @@ class Worker(Generic[S]):
     ) -> None:
         assert self._stack is not None
         stack, self._stack = self._stack, None
+        # The system finishes its in-flight steps first: the leases must outlive
+        # them, or another worker takes a partition over and redoes the step.
+        self._keeping = anyio.CancelScope()
+        self._tg.start_soon(self._keep_leases, self._keeping, name="threadline worker keep leases")
         await stack.__aexit__(exc_type, exc, tb)
+
+    async def _keep_leases(self, scope: anyio.CancelScope) -> None:
+        """Renew the leases held, every tick, until :meth:`_leave` hands them back."""
+        with scope:
+            while True:
+                await anyio.sleep(self._ttl_ms / 5000)
+                for partition, lease in list(self._leases.items()):
+                    try:
+                        renewed = await self._lease_table.renew(lease)
+                    except PersistenceError:
+                        continue  # fenced or unreachable: _leave's release settles it
+                    if renewed is None:
+                        self._leases.pop(partition, None)
+                    elif partition in self._leases:
+                        self._leases[partition] = renewed
 
     async def _leave(self) -> None:
         """Hand every partition back (after the system finished its steps)."""
+        if self._keeping is not None:
+            self._keeping.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             for scope in self._readers.values():
                 scope.cancel()

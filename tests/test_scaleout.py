@@ -27,9 +27,22 @@ from typing import Any
 import anyio
 import pytest
 
-from threadline import PersistenceError, StepInfo, SystemClosedError
-from threadline.persistence import KeyLayout, PartitionLeases, open_redis, partition_of
-from threadline.runtime import Client, Worker
+from threadline import (
+    AIMessage,
+    PersistenceError,
+    StepInfo,
+    SystemClosedError,
+    ToolCall,
+    ToolMessage,
+)
+from threadline.persistence import (
+    KeyLayout,
+    PartitionLeases,
+    deployment_layout,
+    open_redis,
+    partition_of,
+)
+from threadline.runtime import Agent, Client, ModelRequest, ScriptedModel, Worker
 
 from ._faults import Lines
 from ._history import History, check
@@ -393,6 +406,54 @@ async def test_a_worker_recovers_when_its_connections_are_dropped(
             histories = await workload.histories()
         tg.cancel_scope.cancel()
     check(history.ops, histories).assert_ok()
+
+
+async def test_a_stopping_worker_keeps_its_leases_until_its_steps_are_done(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A graceful stop finishes the step in flight before it hands the partition
+    back; the lease must last that long (it once expired after ``lease_ttl``,
+    and another worker took the thread over and redid the step)."""
+    url, prefix, P = redis_server.url, redis_prefix, 2
+    entered, gate = anyio.Event(), anyio.Event()
+
+    def respond(request: ModelRequest[Any]) -> AIMessage | str:
+        if isinstance(request.messages[-1], ToolMessage):
+            return "done"
+        return AIMessage("", tool_calls=[ToolCall(id="c1", name="slow", args={})])
+
+    async def slow() -> str:
+        """Takes its time."""
+        entered.set()
+        await gate.wait()
+        return "slow"
+
+    agent: Agent[Any] = Agent(model=ScriptedModel(respond), tools=[slow])
+    thread = "stopping"
+    async with open_redis(url, "test") as redis:
+        await deployment_layout(redis, prefix, P)  # before the client: P partitions
+    async with lease_table(url, prefix, P) as leases, Client(url, prefix=prefix) as client:
+        worker = Worker(agent, url, prefix=prefix, partitions=P, lease_ttl=0.3)
+
+        async def run() -> None:
+            async with worker, anyio.create_task_group() as serving:
+                serving.start_soon(worker.serve)
+                await entered.wait()
+                serving.cancel_scope.cancel()  # stop: the tool call is in flight
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await client.tell(thread, "go", message_id="m1")
+                await entered.wait()
+                await anyio.sleep(1.0)  # > 3 lease_ttl: stopping, not yet done
+                held = await leases.holder(partition_of(thread, P))
+                gate.set()
+            assert held is not None and held.worker == worker.worker_id
+            # Handed back once the step was done; the turn is complete.
+            assert await leases.holder(partition_of(thread, P)) is None
+        steps = await client.history(thread)
+    assert [s.kind for s in steps][-1] == "model" and steps[-1].turn is None
 
 
 # -- F1: SIGKILL a worker, again and again ----------------------------------------------
