@@ -68,7 +68,9 @@ S = TypeVar("S", bound=AgentState)
 Outbound = tuple[str, str, int, str, bytes]
 """What the worker's outbound task does, in order: ``("event", reply key, 0, "",
 payload)`` appends a reply event; ``("ack", "", partition, entry id, b"")``
-acknowledges an inbox entry."""
+acknowledges an inbox entry; ``("redeliver", "", partition, entry id, b"")``
+hands the partition back (its entry was left pending): acquired again, its
+pending entries are claimed and dispatched again, in stream order."""
 
 
 class InboxReply(Reply):
@@ -125,11 +127,16 @@ class InboxReply(Reply):
 
     def fail(self, error: BaseException) -> None:
         if not self.settled:
-            self._send(error_event(error))
             # A turn that failed has its abort committed: done with. A message the
-            # store or the shutdown cut short is not: it stays for redelivery.
+            # store, a fence or the shutdown cut short is not: it stays pending, and
+            # its redelivery replies on the same stream. An error event now would
+            # tell the sender it failed (and a retry with the same id would read it
+            # again).
             if not isinstance(error, (PersistenceError, SystemClosedError)):
+                self._send(error_event(error))
                 self._ack()
+            else:
+                self._out(("redeliver", "", self._entry[0], self._entry[1], b""))
         super().fail(error)
 
 
@@ -167,6 +174,7 @@ class Worker(Generic[S]):
         self._stack: contextlib.AsyncExitStack | None = None
         self._leases: dict[int, Lease] = {}
         self._readers: dict[int, anyio.CancelScope] = {}
+        self._keeping: anyio.CancelScope | None = None
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
 
@@ -182,11 +190,12 @@ class Worker(Generic[S]):
             self.layout = await deployment_layout(client, self.prefix, self._partitions)
             self._inbox = RedisInbox(client, self.layout)
             self._reads = RedisInbox(readers, self.layout)
-            self._lease_table = PartitionLeases(client, layout=self.layout)
+            self._lease_table = PartitionLeases(client, layout=self.layout, ttl_ms=self._ttl_ms)
             self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
             send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
             self._outbound_queue = send
             tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg = tg
             tg.start_soon(self._outbound, receive, name="threadline worker outbound")
             # Exit order (last in, first out): the system finishes its in-flight
             # steps (their replies are queued), then the leases go back and the
@@ -210,10 +219,31 @@ class Worker(Generic[S]):
     ) -> None:
         assert self._stack is not None
         stack, self._stack = self._stack, None
+        # The system finishes its in-flight steps first: the leases must outlive
+        # them, or another worker takes a partition over and redoes the step.
+        self._keeping = anyio.CancelScope()
+        self._tg.start_soon(self._keep_leases, self._keeping, name="threadline worker keep leases")
         await stack.__aexit__(exc_type, exc, tb)
+
+    async def _keep_leases(self, scope: anyio.CancelScope) -> None:
+        """Renew the leases held, every tick, until :meth:`_leave` hands them back."""
+        with scope:
+            while True:
+                await anyio.sleep(self._ttl_ms / 5000)
+                for partition, lease in list(self._leases.items()):
+                    try:
+                        renewed = await self._lease_table.renew(lease)
+                    except PersistenceError:
+                        continue  # fenced or unreachable: _leave's release settles it
+                    if renewed is None:
+                        self._leases.pop(partition, None)
+                    elif partition in self._leases:
+                        self._leases[partition] = renewed
 
     async def _leave(self) -> None:
         """Hand every partition back (after the system finished its steps)."""
+        if self._keeping is not None:
+            self._keeping.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             for scope in self._readers.values():
                 scope.cancel()
@@ -268,8 +298,34 @@ class Worker(Generic[S]):
             granted = await self._lease_table.acquire(partition, self.worker_id)
             if granted is not None:
                 self._leases[partition] = granted
+                self._forget(partition)
                 self._log.info("lease.acquired", partition=partition, epoch=granted.epoch)
                 tg.start_soon(self._read, partition, granted, name=f"threadline inbox {partition}")
+
+    def _forget(self, partition: int) -> None:
+        """Make the partition's threads still in memory reload on their next message.
+
+        They are left from an earlier lease of the partition: its owners since
+        may have moved them on, and a stale actor's commits would be fenced
+        (its message then left pending until the partition moves again).
+        """
+        assert self.layout is not None
+        for thread_id in list(self.system._actors):
+            actor = self.system.live_actor(thread_id)
+            if actor is not None and self.layout.partition_of(thread_id) == partition:
+                actor.ready = False
+
+    async def _give_up(self, partition: int, epoch: int) -> None:
+        """Drop the lease of ``epoch`` on ``partition`` (if still held) and its reader."""
+        current = self._leases.get(partition)
+        if current is None or current.epoch != epoch:
+            return
+        del self._leases[partition]
+        scope = self._readers.pop(partition, None)
+        if scope is not None:
+            scope.cancel()
+        with contextlib.suppress(PersistenceError):
+            await self._lease_table.release(current)
 
     def _lost(self, partition: int, why: str) -> None:
         self._leases.pop(partition, None)
@@ -302,12 +358,12 @@ class Worker(Generic[S]):
                         await self._dispatch(partition, entry)
             except PersistenceError as exc:
                 self._log.warning("inbox.read_failed", partition=partition, error=str(exc))
-                # The tick renews or loses the lease; a lost read is retried by
-                # reading again from the claim step.
-                if self._leases.get(partition) is lease:
-                    self._leases.pop(partition, None)
-                    with contextlib.suppress(PersistenceError):
-                        await self._lease_table.release(lease)
+                # Hand the partition back: the tick acquires it again (a new
+                # epoch) and reads again from the claim step. The tick may have
+                # renewed the lease meanwhile (a new Lease value, the same epoch).
+                if self._readers.get(partition) is scope:
+                    del self._readers[partition]
+                await self._give_up(partition, lease.epoch)
         if self._readers.get(partition) is scope:
             del self._readers[partition]
 
@@ -362,15 +418,18 @@ class Worker(Generic[S]):
                 while True:
                     try:
                         batch.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
+                    except (anyio.WouldBlock, anyio.EndOfStream):  # EndOfStream: closed by _leave
                         break
                 events: dict[str, list[bytes]] = {}
                 acks: dict[int, list[str]] = {}
+                redeliver: set[int] = set()
                 for kind, key, partition, entry_id, payload in batch:
                     if kind == "event":
                         events.setdefault(key, []).append(payload)
-                    else:
+                    elif kind == "ack":
                         acks.setdefault(partition, []).append(entry_id)
+                    else:
+                        redeliver.add(partition)
                 for reply_key, payloads in events.items():
                     try:
                         await self._inbox.publish(reply_key, payloads)
@@ -382,3 +441,10 @@ class Worker(Generic[S]):
                     except PersistenceError as exc:
                         # Pending still: redelivered later, answered as a duplicate.
                         self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))
+                for partition in sorted(redeliver):
+                    # Left pending while the partition is ours, an entry would wait
+                    # for the partition's next owner: be that owner, from the claim.
+                    held = self._leases.get(partition)
+                    if held is not None:
+                        self._log.info("inbox.redeliver", partition=partition)
+                        await self._give_up(partition, held.epoch)
