@@ -41,6 +41,7 @@ from threadline.actors import (
     InvalidInputError,
     PersistenceError,
     SystemClosedError,
+    TurnFailedError,
     normalize_update,
 )
 from threadline.actors._api import Envelope, Reply, get_logger
@@ -52,6 +53,7 @@ from threadline.persistence import (
     RedisInbox,
     RedisSnapshotStore,
     StreamEntry,
+    ThreadJournal,
     deployment_layout,
     open_redis,
     plan_partitions,
@@ -368,6 +370,17 @@ class Worker(Generic[S]):
             del self._readers[partition]
 
     async def _dispatch(self, partition: int, entry: StreamEntry) -> None:
+        """Hand an entry to its thread, unless it is poison.
+
+        Poison goes to the partition's dead letters with its reason: an entry
+        that does not decode or validate at once; an entry delivered more than
+        ``max_deliveries`` times (each owner died or stopped holding it) when it
+        is the first of its thread this worker sees (the ones queued behind it
+        were delivered as often through no fault of theirs). Its sender's reply
+        stream gets an ``error`` event, and a turn it left parked is aborted
+        (an ``abort`` step), so the thread serves its next message instead of
+        resuming the turn that keeps killing its workers.
+        """
         try:
             envelope = read_envelope(entry.payload, what=f"inbox entry {entry.entry_id}")
         except PersistenceError as exc:
@@ -379,6 +392,10 @@ class Worker(Generic[S]):
             frozenset(envelope.modes),
             (partition, entry.entry_id),
         )
+        blamed = entry.deliveries > 1 and self._first_redelivered(envelope.thread_id)
+        if blamed and entry.deliveries > self.max_deliveries:
+            await self._poisoned(partition, entry, envelope, reply)
+            return
         try:
             envelope = self._validate(envelope)
         except InvalidInputError as exc:
@@ -386,6 +403,68 @@ class Worker(Generic[S]):
             reply.fail(exc)
             return
         await self.system.route(envelope.thread_id).put(envelope, reply)
+
+    max_deliveries: int = 5
+    """How many times an entry may be delivered (its owner dying or stopping
+    each time) before it is dead-lettered as poison."""
+
+    _redelivered: set[str] | None = None
+
+    def _first_redelivered(self, thread_id: str) -> bool:
+        """Whether this is the first redelivered entry of ``thread_id`` this worker
+        dispatches: the oldest pending one of the thread, whose turn was running
+        when its owner died (only that one is blamed for repeated deliveries)."""
+        if self._redelivered is None:
+            self._redelivered = set()
+        if thread_id in self._redelivered:
+            return False
+        self._redelivered.add(thread_id)
+        return True
+
+    async def _poisoned(
+        self, partition: int, entry: StreamEntry, envelope: Envelope, reply: InboxReply
+    ) -> None:
+        reason = (
+            f"poison: delivered {entry.deliveries} times (max_deliveries "
+            f"{self.max_deliveries}); its owner died or stopped holding it each time"
+        )
+        step = await self._abort_parked_turn(envelope, reason)
+        await self._dead_letter(partition, entry, reason)
+        what = f", its turn aborted at step {step!r}" if step else ""
+        reply.fail(
+            TurnFailedError(
+                f"thread {envelope.thread_id!r}: message {envelope.message_id!r} was "
+                f"dead-lettered ({reason}){what}",
+                thread_id=envelope.thread_id,
+                step=step or "input",
+            )
+        )
+
+    async def _abort_parked_turn(self, envelope: Envelope, reason: str) -> str | None:
+        """Commit an ``abort`` step if the thread's parked turn is this message's;
+        the step it was parked at (None: nothing to abort, or the thread is live here)."""
+        if self.system.live_actor(envelope.thread_id) is not None:
+            return None
+        journal = ThreadJournal(self.system.snapshots, self.system.codec, envelope.thread_id)
+        recovered = await journal.open(int(self._system_options.get("keep_consumed", 128)))
+        turn = recovered.turn
+        if turn is None or turn.message_id != envelope.message_id or recovered.state is None:
+            return None
+        await journal.commit(
+            kind="abort",
+            updates=[],
+            state=recovered.state,
+            turn=None,
+            recent=recovered.consumed,
+            error=reason[:2000],
+        )
+        self._log.warning(
+            "turn.aborted_poison",
+            thread_id=envelope.thread_id,
+            message_id=envelope.message_id,
+            step=turn.next,
+        )
+        return turn.next
 
     def _validate(self, envelope: Envelope) -> Envelope:
         """The worker's own door: the update arrived as builtins."""

@@ -34,6 +34,7 @@ from threadline.actors import (
     ToolMessage,
     TurnFailedError,
 )
+from threadline.persistence import KeyLayout, Membership, PartitionLeases, RedisInbox, open_redis
 
 from .._client import ThreadClient
 from .._door import check_thread_id
@@ -314,6 +315,37 @@ async def _worker(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> in
     return 0
 
 
+async def _workers(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    """Live workers, and each partition's owner (lease holder, epoch) and inbox backlog."""
+    async with open_redis(args.redis, "threadline workers") as client:
+        config = KeyLayout(prefix=args.prefix).config
+        stored = await client.hget(config, "partitions")
+        if stored is None:
+            raise Failure(f"no deployment under the prefix {args.prefix!r} on {args.redis}")
+        layout = KeyLayout(prefix=args.prefix, partitions=int(stored))
+        workers = await Membership(client, layout=layout).live_workers()
+        leases = PartitionLeases(client, layout=layout)
+        inbox = RedisInbox(client, layout)
+        print(
+            f"deployment {args.prefix!r}: {layout.partitions} partitions, "
+            f"{plural(len(workers), 'live worker')}",
+            file=stdout,
+        )
+        for worker in workers:
+            print(f"  worker {worker}", file=stdout)
+        print(
+            f"{'partition':<10} {'owner':<40} {'epoch':>6} {'backlog':>8} {'pending':>8}",
+            file=stdout,
+        )
+        for partition in range(layout.partitions):
+            lease = await leases.holder(partition)
+            owner, epoch = ("-", "-") if lease is None else (lease.worker, str(lease.epoch))
+            backlog = await inbox.backlog(partition)
+            pending = await inbox.pending(partition)
+            print(f"{partition:<10} {owner:<40} {epoch:>6} {backlog:>8} {pending:>8}", file=stdout)
+    return 0
+
+
 def demo_agent() -> Agent[Any]:
     return Agent(model=demo_model(), tools=[word_count], system_prompt=SYSTEM_PROMPT)
 
@@ -340,6 +372,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[in
     "inspect": _inspect,
     "threads": _threads,
     "worker": _worker,
+    "workers": _workers,
 }
 
 
@@ -422,6 +455,18 @@ def _parser() -> _Parser:
     worker.add_argument(
         "-v", "--verbose", action="count", default=0, help="show threadline's logs on stderr"
     )
+    workers = sub.add_parser(
+        "workers",
+        help="show a Redis deployment's live workers, partition owners and backlogs",
+        description="Print the live workers of a Redis deployment, then one line per "
+        "partition: its owner (lease holder) and lease epoch, its inbox backlog (entries "
+        "not yet acknowledged) and how many of them a worker has read (pending).",
+    )
+    workers.add_argument("--redis", required=True, metavar="URL", help="the deployment's Redis")
+    workers.add_argument("--prefix", default="tl", help="the deployment's key prefix (default tl)")
+    workers.add_argument(
+        "-v", "--verbose", action="count", default=0, help="show threadline's logs on stderr"
+    )
     inspect = sub.add_parser(
         "inspect",
         parents=[common],
@@ -435,7 +480,13 @@ def _parser() -> _Parser:
         help="list the threads in a database",
         description="List the threads in a database, one id a line.",
     )
-    parser.commands = {"chat": chat, "inspect": inspect, "threads": threads, "worker": worker}
+    parser.commands = {
+        "chat": chat,
+        "inspect": inspect,
+        "threads": threads,
+        "worker": worker,
+        "workers": workers,
+    }
     return parser
 
 
