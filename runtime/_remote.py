@@ -82,6 +82,9 @@ class Client(Generic[S]):
         )
         self._result_type: Any = TurnResult[state_schema]  # type: ignore[valid-type]
         self._snapshot_type: Any = ThreadSnapshot[state_schema]  # type: ignore[valid-type]
+        # Every waiting ask holds a connection for its blocking read of the reply
+        # stream: the pool must not be what limits requests in flight.
+        redis_options.setdefault("max_connections", 512)
         self._options = redis_options
         self._stack: contextlib.AsyncExitStack | None = None
         self.layout: KeyLayout | None = None

@@ -23,10 +23,12 @@ epoch, so the older owner's next commit fails with ``FencedError``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -88,7 +90,7 @@ class InboxReply(Reply):
     the turn ended in.
     """
 
-    __slots__ = ("_entry", "_key", "_queue")
+    __slots__ = ("_entry", "_key", "_queue", "_stall")
 
     def __init__(
         self,
@@ -96,11 +98,13 @@ class InboxReply(Reply):
         queue: MemoryObjectSendStream[Outbound],
         modes: frozenset[str],
         entry: tuple[int, str],
+        stall: Callable[[], None],
     ) -> None:
         super().__init__(modes=modes)
         self._key = key
         self._queue = queue
         self._entry = entry
+        self._stall = stall
 
     @property
     def listening(self) -> bool:
@@ -138,7 +142,12 @@ class InboxReply(Reply):
                 self._send(error_event(error))
                 self._ack()
             else:
+                # Nothing of this thread may be applied before the redelivery:
+                # what is queued behind it goes back to the inbox too.
+                super().fail(error)
+                self._stall()
                 self._out(("redeliver", "", self._entry[0], self._entry[1], b""))
+                return
         super().fail(error)
 
 
@@ -176,6 +185,7 @@ class Worker(Generic[S]):
         self._stack: contextlib.AsyncExitStack | None = None
         self._leases: dict[int, Lease] = {}
         self._readers: dict[int, anyio.CancelScope] = {}
+        self._stalled: set[str] = set()
         self._keeping: anyio.CancelScope | None = None
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
@@ -312,6 +322,7 @@ class Worker(Generic[S]):
         (its message then left pending until the partition moves again).
         """
         assert self.layout is not None
+        self._stalled = {t for t in self._stalled if self.layout.partition_of(t) != partition}
         for thread_id in list(self.system._actors):
             actor = self.system.live_actor(thread_id)
             if actor is not None and self.layout.partition_of(thread_id) == partition:
@@ -386,11 +397,15 @@ class Worker(Generic[S]):
         except PersistenceError as exc:
             await self._dead_letter(partition, entry, str(exc))
             return
+        thread_id = envelope.thread_id
+        if thread_id in self._stalled:
+            return  # left pending: redelivered in order once the partition is claimed again
         reply = InboxReply(
             envelope.reply_to,
             self._outbound_queue,
             frozenset(envelope.modes),
             (partition, entry.entry_id),
+            functools.partial(self._stall, thread_id),
         )
         blamed = entry.deliveries > 1 and self._first_redelivered(envelope.thread_id)
         if blamed and entry.deliveries > self.max_deliveries:
@@ -403,6 +418,26 @@ class Worker(Generic[S]):
             reply.fail(exc)
             return
         await self.system.route(envelope.thread_id).put(envelope, reply)
+
+    def _stall(self, thread_id: str) -> None:
+        """Hold a thread's messages back until its failed one is redelivered.
+
+        An entry left pending by a store error is redelivered by claiming the
+        partition again; until then nothing of its thread may be applied (that
+        would reorder it): the thread's queued messages are dropped from its
+        mailbox (they stay pending in the inbox, redelivered in order behind
+        it) and the reader skips the thread's new entries the same way.
+        """
+        self._stalled.add(thread_id)
+        actor = self.system.live_actor(thread_id)
+        if actor is None:
+            return
+        held = SystemClosedError(
+            f"thread {thread_id!r}: held back until an earlier message is redelivered"
+        )
+        for _, reply in actor.mailbox.drain():
+            if reply is not None:
+                reply.fail(held)
 
     max_deliveries: int = 5
     """How many times an entry may be delivered (its owner dying or stopping
@@ -484,6 +519,19 @@ class Worker(Generic[S]):
         )
         await self._inbox.dead_letter(partition, entry.entry_id, reason)
 
+    async def _publish(self, reply_key: str, payloads: list[bytes]) -> None:
+        try:
+            await self._inbox.publish(reply_key, payloads)
+        except PersistenceError as exc:
+            self._log.warning("reply.publish_failed", key=reply_key, error=str(exc))
+
+    async def _ack(self, partition: int, entry_ids: list[str]) -> None:
+        try:
+            await self._inbox.ack(partition, entry_ids)
+        except PersistenceError as exc:
+            # Pending still: redelivered later, answered as a duplicate.
+            self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))
+
     async def _outbound(self, receive: MemoryObjectReceiveStream[Outbound]) -> None:
         """Append reply events and acknowledge entries, in the order they came.
 
@@ -509,17 +557,14 @@ class Worker(Generic[S]):
                         acks.setdefault(partition, []).append(entry_id)
                     else:
                         redeliver.add(partition)
-                for reply_key, payloads in events.items():
-                    try:
-                        await self._inbox.publish(reply_key, payloads)
-                    except PersistenceError as exc:
-                        self._log.warning("reply.publish_failed", key=reply_key, error=str(exc))
-                for partition, entry_ids in acks.items():
-                    try:
-                        await self._inbox.ack(partition, entry_ids)
-                    except PersistenceError as exc:
-                        # Pending still: redelivered later, answered as a duplicate.
-                        self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))
+                # Each call waits for an fsync: the batch's calls go out together
+                # (events first; an entry is acknowledged after its final event).
+                async with anyio.create_task_group() as tg:
+                    for reply_key, payloads in events.items():
+                        tg.start_soon(self._publish, reply_key, payloads)
+                async with anyio.create_task_group() as tg:
+                    for partition, entry_ids in acks.items():
+                        tg.start_soon(self._ack, partition, entry_ids)
                 for partition in sorted(redeliver):
                     # Left pending while the partition is ours, an entry would wait
                     # for the partition's next owner: be that owner, from the claim.
