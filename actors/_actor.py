@@ -311,8 +311,10 @@ class ThreadActor(Generic[S]):
                 await self._input(envelope, reply)
             elif envelope.kind == "update":
                 await self._update(envelope, reply)
-            else:
+            elif envelope.kind == "delete":
                 await self._delete(envelope, reply)
+            elif reply is not None:  # "wake": the activation above was the point
+                reply.resolve(None)
         except ThreadlineError as exc:
             if isinstance(exc, PersistenceError):
                 # Memory may be ahead of (or behind) the store: reload before

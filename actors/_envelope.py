@@ -16,14 +16,15 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-EnvelopeKind = Literal["input", "update", "delete"]
+EnvelopeKind = Literal["input", "update", "delete", "wake"]
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One message for one thread actor, serializable.
 
     ``kind`` is ``"input"`` (start a turn), ``"update"`` (apply a state update
-    as one step) or ``"delete"``. ``update`` holds the validated state update
+    as one step), ``"delete"``, or ``"wake"`` (activate the thread, which resumes
+    a turn parked mid-way, and nothing more). ``update`` holds the validated state update
     (for an input: ``{"messages": [...]}`` plus any other fields); ``context``
     the static runtime context as builtins. ``run_id`` names the run the
     message starts (defaults to the message id); ``modes`` are the stream modes

@@ -15,7 +15,6 @@ from threadline.actors import (
     AgentState,
     MailboxFullError,
     PersistenceError,
-    RemoveMessage,
     SystemClosedError,
 )
 from threadline.actors._api import (
@@ -346,7 +345,7 @@ class ActorSystem(Generic[S]):
             self._inboxed.add((thread.thread_id, entry.message_id))
             envelopes.append(envelope)
         if not envelopes and thread.turn is not None:
-            envelopes.append(self._wake_up(thread.thread_id, thread.turn))
+            envelopes.append(self._wake_up(thread.thread_id))
         # What fits goes in now; the rest waits for room in a task of its own,
         # holding back only this thread's new messages.
         actor = self.route(thread.thread_id)
@@ -359,21 +358,11 @@ class ActorSystem(Generic[S]):
                 return
         self._release(thread.thread_id, held)
 
-    def _wake_up(self, thread_id: str, turn: str) -> Envelope:
+    @staticmethod
+    def _wake_up(thread_id: str) -> Envelope:
         """A message that makes the thread's actor activate (which resumes its
-        parked turn) and then does nothing.
-
-        It is an input with the id of the message that started the parked
-        turn, consumed already, so the actor answers it as a duplicate. Should
-        that id be forgotten (the turn ended since), its update removes a
-        message that does not exist and is refused before anything is written.
-        """
-        return Envelope(
-            kind="input",
-            message_id=turn,
-            thread_id=thread_id,
-            update={"messages": [RemoveMessage(id=f"threadline-wake-up-{new_id()}")]},
-        )
+        parked turn) and nothing more."""
+        return Envelope(kind="wake", message_id=new_id(), thread_id=thread_id)
 
     # -- routing -----------------------------------------------------------------
 
@@ -392,6 +381,10 @@ class ActorSystem(Generic[S]):
             del self._actors[thread_id]  # re-inserted below: moves it to the end
         self._actors[thread_id] = actor
         return actor
+
+    def live_thread_ids(self) -> list[str]:
+        """The ids of the threads whose actors are in memory."""
+        return list(self._actors)
 
     def live_actor(self, thread_id: str) -> ThreadActor[S] | None:
         """The actor of ``thread_id`` if it is in memory."""

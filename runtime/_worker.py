@@ -323,7 +323,7 @@ class Worker(Generic[S]):
         """
         assert self.layout is not None
         self._stalled = {t for t in self._stalled if self.layout.partition_of(t) != partition}
-        for thread_id in list(self.system._actors):
+        for thread_id in self.system.live_thread_ids():
             actor = self.system.live_actor(thread_id)
             if actor is not None and self.layout.partition_of(thread_id) == partition:
                 actor.ready = False
