@@ -30,7 +30,7 @@ from threadline.actors._api import (
     TurnResult,
     stream_modes,
 )
-from threadline.persistence import load_thread, read_history
+from threadline.persistence import Codec, SnapshotStore, load_thread, read_history
 
 from ._door import Input
 
@@ -104,6 +104,22 @@ class ThreadClient(Protocol[S]):
     async def delete(self, thread_id: str) -> bool:
         """Delete the thread's durable records; True if it existed."""
         ...
+
+
+async def stored_state(
+    snapshots: SnapshotStore, codec: Codec[S], thread_id: str
+) -> ThreadSnapshot[S]:
+    """A thread's last committed state as the store has it (``ThreadNotFoundError``)."""
+    recovered = await load_thread(snapshots, codec, thread_id)
+    if recovered.state is None:
+        raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
+    turn = recovered.turn
+    return ThreadSnapshot(
+        thread_id=thread_id,
+        version=recovered.version,
+        state=recovered.state,
+        next=None if turn is None else turn.next,
+    )
 
 
 class LocalClient(Generic[S]):
@@ -193,10 +209,7 @@ class LocalClient(Generic[S]):
         if actor is not None and actor.ready and actor.state is not None:
             state, version, turn = actor.state, actor.version, actor.turn
         else:
-            recovered = await load_thread(system.snapshots, system.codec, thread_id)
-            if recovered.state is None:
-                raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
-            state, version, turn = recovered.state, recovered.version, recovered.turn
+            return await stored_state(system.snapshots, system.codec, thread_id)
         return ThreadSnapshot(
             thread_id=thread_id,
             version=version,

@@ -22,7 +22,7 @@ import anyio
 import msgspec
 import redis.asyncio
 
-from threadline.actors import AgentState, ThreadNotFoundError
+from threadline.actors import AgentState
 from threadline.actors._api import (
     Envelope,
     StepInfo,
@@ -39,11 +39,11 @@ from threadline.persistence import (
     RedisSnapshotStore,
     deployment_layout,
     encode_envelope,
-    load_thread,
     open_redis,
     read_history,
 )
 
+from ._client import stored_state
 from ._door import Door, Input
 from ._wire import decode_event, raise_error
 from .agent._requests import ContextCodec
@@ -230,16 +230,7 @@ class Client(Generic[S]):
 
     async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
         self.door.thread_id(thread_id)
-        recovered = await load_thread(self.snapshots, self.codec, thread_id)
-        if recovered.state is None:
-            raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
-        turn = recovered.turn
-        return ThreadSnapshot(
-            thread_id=thread_id,
-            version=recovered.version,
-            state=recovered.state,
-            next=None if turn is None else turn.next,
-        )
+        return await stored_state(self.snapshots, self.codec, thread_id)
 
     async def history(
         self, thread_id: str, *, start: int = 1, stop: int | None = None
