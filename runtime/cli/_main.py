@@ -387,14 +387,20 @@ def _parser() -> _Parser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"threadline {_version()}")
-    common = _Parser(add_help=False)
-    common.add_argument("--db", default=DEFAULT_DB, metavar="PATH_OR_URL", help=DB_HELP)
-    common.add_argument(
+    verbosity = _Parser(add_help=False)
+    verbosity.add_argument(
         "-v",
         "--verbose",
         action="count",
         default=0,
         help="show threadline's logs on stderr (-v info, -vv debug)",
+    )
+    common = _Parser(add_help=False, parents=[verbosity])
+    common.add_argument("--db", default=DEFAULT_DB, metavar="PATH_OR_URL", help=DB_HELP)
+    deployment = _Parser(add_help=False, parents=[verbosity])
+    deployment.add_argument("--redis", required=True, metavar="URL", help="the deployment's Redis")
+    deployment.add_argument(
+        "--prefix", default="tl", help="the deployment's key prefix (default tl)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat = sub.add_parser(
@@ -425,12 +431,12 @@ def _parser() -> _Parser:
     )
     worker = sub.add_parser(
         "worker",
+        parents=[deployment],
         help="serve threads from a Redis deployment, beside other workers",
         description="Serve an app's threads from a Redis deployment: lease a share of "
         "its partitions, read their inboxes, run the turns. Stop with Ctrl-C or SIGTERM "
         "(in-flight steps finish, the partitions are handed back).",
     )
-    worker.add_argument("--redis", required=True, metavar="URL", help="the deployment's Redis")
     worker.add_argument(
         "--app",
         default=None,
@@ -451,21 +457,13 @@ def _parser() -> _Parser:
         metavar="SECONDS",
         help="how long a crashed worker's partitions wait for a new owner (default 10)",
     )
-    worker.add_argument("--prefix", default="tl", help="the deployment's key prefix (default tl)")
-    worker.add_argument(
-        "-v", "--verbose", action="count", default=0, help="show threadline's logs on stderr"
-    )
     workers = sub.add_parser(
         "workers",
+        parents=[deployment],
         help="show a Redis deployment's live workers, partition owners and backlogs",
         description="Print the live workers of a Redis deployment, then one line per "
         "partition: its owner (lease holder) and lease epoch, its inbox backlog (entries "
         "not yet acknowledged) and how many of them a worker has read (pending).",
-    )
-    workers.add_argument("--redis", required=True, metavar="URL", help="the deployment's Redis")
-    workers.add_argument("--prefix", default="tl", help="the deployment's key prefix (default tl)")
-    workers.add_argument(
-        "-v", "--verbose", action="count", default=0, help="show threadline's logs on stderr"
     )
     inspect = sub.add_parser(
         "inspect",
