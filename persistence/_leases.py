@@ -42,6 +42,7 @@ __all__ = [
     "AnyRedis",
     "Lease",
     "PartitionLeases",
+    "check_ttl_ms",
     "check_worker_id",
     "fenced_mapped",
     "fenced_script",
@@ -147,6 +148,13 @@ def fenced_mapped(what: str) -> Iterator[None]:
         raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc
 
 
+def check_ttl_ms(ttl_ms: object) -> int:
+    """A lease or heartbeat lifetime: a positive int of milliseconds."""
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
+        raise ValueError(f"ttl_ms must be a positive int, got {ttl_ms!r}")
+    return ttl_ms
+
+
 def check_worker_id(worker: str) -> str:
     """``worker`` if it can name a worker (printable, 1 to 200 characters)."""
     if not isinstance(worker, str) or not 0 < len(worker) <= _MAX_WORKER_ID:
@@ -222,11 +230,9 @@ class PartitionLeases:
         layout: KeyLayout | None = None,
         ttl_ms: int = DEFAULT_LEASE_TTL_MS,
     ) -> None:
-        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
-            raise ValueError(f"ttl_ms must be a positive int, got {ttl_ms!r}")
         self._client = client
         self.layout = layout if layout is not None else KeyLayout()
-        self.ttl_ms = ttl_ms
+        self.ttl_ms = check_ttl_ms(ttl_ms)
         self._acquire: AsyncScript = client.register_script(_ACQUIRE_LUA)
         self._renew: AsyncScript = client.register_script(_RENEW_LUA)
         self._release: AsyncScript = client.register_script(_RELEASE_LUA)

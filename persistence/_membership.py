@@ -18,7 +18,7 @@ from typing import Final
 
 from redis.commands.core import AsyncScript
 
-from ._leases import DEFAULT_LEASE_TTL_MS, NOW_LUA, AnyRedis, check_worker_id
+from ._leases import DEFAULT_LEASE_TTL_MS, NOW_LUA, AnyRedis, check_ttl_ms, check_worker_id
 from ._partitions import KeyLayout
 from ._redis_client import mapped
 
@@ -58,11 +58,9 @@ class Membership:
         layout: KeyLayout | None = None,
         ttl_ms: int = DEFAULT_LEASE_TTL_MS,
     ) -> None:
-        if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
-            raise ValueError(f"ttl_ms must be a positive int, got {ttl_ms!r}")
         self._client = client
         self.layout = layout if layout is not None else KeyLayout()
-        self.ttl_ms = ttl_ms
+        self.ttl_ms = check_ttl_ms(ttl_ms)
         self._heartbeat: AsyncScript = client.register_script(_HEARTBEAT_LUA)
         self._live: AsyncScript = client.register_script(_LIVE_LUA)
 
