@@ -43,10 +43,11 @@ from threadline.actors import (
     InvalidInputError,
     PersistenceError,
     SystemClosedError,
+    ThreadlineError,
     TurnFailedError,
     normalize_update,
 )
-from threadline.actors._api import Envelope, Reply, get_logger
+from threadline.actors._api import Envelope, Reply, get_logger, new_id
 from threadline.persistence import (
     KeyLayout,
     Lease,
@@ -186,6 +187,7 @@ class Worker(Generic[S]):
         self._leases: dict[int, Lease] = {}
         self._readers: dict[int, anyio.CancelScope] = {}
         self._stalled: set[str] = set()
+        self._handing_off: set[int] = set()
         self._keeping: anyio.CancelScope | None = None
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
@@ -305,7 +307,9 @@ class Worker(Generic[S]):
             set(self._leases), self.layout.partitions, workers, self.worker_id, limit=16
         )
         for partition in plan.release:
-            await self._release(partition)
+            if partition not in self._handing_off:
+                self._handing_off.add(partition)
+                tg.start_soon(self._release, partition, name=f"threadline handoff {partition}")
         for partition in plan.acquire:
             granted = await self._lease_table.acquire(partition, self.worker_id)
             if granted is not None:
@@ -331,7 +335,7 @@ class Worker(Generic[S]):
     async def _give_up(self, partition: int, epoch: int) -> None:
         """Drop the lease of ``epoch`` on ``partition`` (if still held) and its reader."""
         current = self._leases.get(partition)
-        if current is None or current.epoch != epoch:
+        if current is None or current.epoch != epoch or partition in self._handing_off:
             return
         del self._leases[partition]
         scope = self._readers.pop(partition, None)
@@ -347,14 +351,49 @@ class Worker(Generic[S]):
             scope.cancel()
         self._log.warning("lease.lost", partition=partition, reason=why)
 
+    handoff_timeout: float = 30.0
+    """How long a partition being handed over waits for its turns in flight."""
+
     async def _release(self, partition: int) -> None:
-        scope = self._readers.pop(partition, None)
-        if scope is not None:
-            scope.cancel()
-        lease = self._leases.pop(partition, None)
-        if lease is not None:
-            await self._lease_table.release(lease)
-            self._log.info("partition.moved", partition=partition, epoch=lease.epoch)
+        """Hand a partition over at a turn boundary.
+
+        Its reader stops; its threads' queued messages go back to the inbox
+        (they stay pending, and the next owner claims them in order); the lease
+        is kept, and renewed by the tick, until the turns in flight have ended
+        (at most ``handoff_timeout``), so the next owner never redoes a step
+        this worker is still running.
+        """
+        assert self.layout is not None
+        try:
+            scope = self._readers.pop(partition, None)
+            if scope is not None:
+                scope.cancel()
+            threads = [
+                t for t in self.system.live_thread_ids() if self.layout.partition_of(t) == partition
+            ]
+            for thread_id in threads:
+                self._stall(thread_id)
+            # A "wake" queued behind each turn in flight is answered when it ends.
+            ends = []
+            for thread_id in threads:
+                actor = self.system.live_actor(thread_id)
+                if actor is not None and actor.running:
+                    end = Reply()
+                    actor.offer(
+                        Envelope(kind="wake", message_id=new_id(), thread_id=thread_id), end
+                    )
+                    ends.append(end)
+            with anyio.move_on_after(self.handoff_timeout):
+                for end in ends:
+                    with contextlib.suppress(ThreadlineError):
+                        await end.wait()
+            lease = self._leases.pop(partition, None)
+            if lease is not None:
+                with contextlib.suppress(PersistenceError):
+                    await self._lease_table.release(lease)
+                self._log.info("partition.moved", partition=partition, epoch=lease.epoch)
+        finally:
+            self._handing_off.discard(partition)
 
     # -- the inbox of one partition ---------------------------------------------------
 
