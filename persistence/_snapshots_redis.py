@@ -1,18 +1,28 @@
 """``RedisSnapshotStore``: threads in plain Redis (7+, no modules).
 
-Keys of one thread all carry the same hash tag, built from the escaped thread
-id, so every Lua script touches keys of a single slot (Redis Cluster safe)::
+Key layout format 2 (the deployment's ``<prefix>:config`` says ``format 2``):
+a thread's keys carry the hash tag of its partition (``crc32(id) % P``, see
+``_partitions``), the tag of the partition's lease and inbox too, so one Lua
+script may check the lease and write the thread in a single Cluster slot::
 
-    <prefix>:t:{<escaped id>}:head     hash: version, epoch, full_version, turn
-    <prefix>:t:{<escaped id>}:steps    list: step record of version i at index i - 1
-    <prefix>:t:{<escaped id>}:full     string: the latest full record
-    <prefix>:t:{<escaped id>}:inbox    list: ids of the messages told, oldest first
-    <prefix>:t:{<escaped id>}:told     hash: message id -> envelope (the inbox's entries)
-    <prefix>:t:{<escaped id>}:dead     hash: message id -> dead letter (msgpack)
-    <prefix>:threads                   set of thread ids (not tagged; an index only)
+    <prefix>:{pNNN}:t:<escaped id>:head     hash: version, epoch, full_version, turn
+    <prefix>:{pNNN}:t:<escaped id>:steps    list: step record of version i at index i - 1
+    <prefix>:{pNNN}:t:<escaped id>:full     string: the latest full record
+    <prefix>:{pNNN}:t:<escaped id>:inbox    list: ids of the messages told, oldest first
+    <prefix>:{pNNN}:t:<escaped id>:told     hash: message id -> envelope (the inbox's entries)
+    <prefix>:{pNNN}:t:<escaped id>:dead     hash: message id -> dead letter (msgpack)
+    <prefix>:{pNNN}:lease                   the partition's lease (see ``_leases``)
+    <prefix>:threads                        set of thread ids (not tagged; an index only)
 
-The escape is ``%`` -> ``%25``, ``{`` -> ``%7B``, ``}`` -> ``%7D``: injective,
-and the escaped id holds no brace, so the tag is exactly the escaped id.
+Format 1 tagged each thread by its own id (``<prefix>:t:{<escaped id>}:head``);
+opening a store that holds it raises ``SnapshotFormatError`` naming the
+command that copies it to format 2 (``threadline migrate``).
+
+With ``lease_token`` (a ``Worker``'s store), every writing script also checks
+that the thread's partition lease still holds this worker's token, in the same
+script as the write: a worker that lost the lease (paused past its TTL,
+partitioned) can neither activate a thread nor commit a step, even before the
+next owner has touched the thread.
 
 Conditional writes are Lua scripts (atomic per thread). Commits are grouped:
 one pipeline per batch, one ``EVALSHA`` per request; enqueues ride the same
@@ -29,7 +39,7 @@ Durability is the server's: run Redis with ``appendonly yes`` and
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Self
 
 import msgspec
@@ -39,13 +49,16 @@ from redis.exceptions import NoScriptError
 
 from threadline.actors import (
     ConflictError,
+    FencedError,
     PersistenceError,
     SnapshotCorruptError,
     StoreUnavailableError,
 )
 
 from ._batch import GroupCommitter, unavailable
+from ._deployment import deployment_layout
 from ._lifecycle import ExcInfo, Reentrant
+from ._partitions import KeyLayout
 from ._redis_client import check_prefix, client_from_url, close_client, mapped, store_client
 from ._snapshots import (
     AcquireRequest,
@@ -62,21 +75,30 @@ from ._snapshots import (
 
 __all__ = ["RedisSnapshotStore"]
 
-# KEYS: head. Returns the new epoch.
+# KEYS: head, lease. ARGV: lease token ('' = unfenced). Returns the new epoch,
+# or -1 if the lease does not hold the token.
 _ACQUIRE_LUA: Final = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSETNX', KEYS[1], 'version', 0)
 redis.call('HSETNX', KEYS[1], 'full_version', 0)
 return epoch
 """
 
-# KEYS: head, steps, full, inbox, told. ARGV: expected_version, epoch, step,
-# turn ('' = none), consumed ('' = none) [, full].
+# KEYS: head, steps, full, inbox, told, lease. ARGV: expected_version, epoch,
+# step, turn ('' = none), consumed ('' = none), lease token ('' = unfenced)
+# [, full].
 # Returns {status, stored version, stored epoch}; status 0 = committed (the
 # version returned is the new one), 1 = fenced, 2 = conflict, 4 = no head at
-# all; 3 = the steps list does not match the head (corrupt), and then the
-# third value is the list's length (and the version -1 if there is no head).
+# all, 5 = the lease does not hold the token; 3 = the steps list does not
+# match the head (corrupt), and then the third value is the list's length
+# (and the version -1 if there is no head).
 _COMMIT_LUA: Final = """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[6] then
+  return {5, 0, 0}
+end
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
 if not head[1] then
   local length = redis.call('LLEN', KEYS[2])
@@ -100,8 +122,8 @@ if length ~= version then
   return {3, version, length}
 end
 redis.call('RPUSH', KEYS[2], ARGV[3])
-if #ARGV >= 6 then
-  redis.call('SET', KEYS[3], ARGV[6])
+if #ARGV >= 7 then
+  redis.call('SET', KEYS[3], ARGV[7])
   redis.call('HSET', KEYS[1], 'version', version + 1, 'full_version', version + 1, 'turn', ARGV[4])
 else
   redis.call('HSET', KEYS[1], 'version', version + 1, 'turn', ARGV[4])
@@ -133,11 +155,14 @@ end
 return 1
 """
 
-# KEYS: head, steps, full. ARGV: epoch or ''. Returns {status, value}:
-# -1 = no head (nothing done), 1 = fenced (value = stored epoch),
-# 0 = deleted (value > 0 if it had steps). Steps left without a head (a
-# corrupt thread) are deleted too.
+# KEYS: head, steps, full, lease. ARGV: epoch or '', lease token or ''.
+# Returns {status, value}: -1 = no head (nothing done), 1 = fenced (value =
+# stored epoch), 2 = the lease does not hold the token, 0 = deleted (value > 0
+# if it had steps). Steps left without a head (a corrupt thread) are deleted too.
 _DELETE_LUA: Final = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[2] then
+  return {2, 0}
+end
 local head = redis.call('HMGET', KEYS[1], 'version', 'epoch')
 local steps = redis.call('LLEN', KEYS[2])
 if not head[1] and not head[2] then
@@ -180,18 +205,23 @@ _INDEX_CHUNK: Final = 1000
 _MAX_INDEX: Final = 1 << 62
 
 
-def escape_thread_id(thread_id: str) -> str:
-    """The hash-tag form of a thread id: injective and free of braces."""
-    return thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-
-
-def _epoch(r: AcquireRequest, reply: Any) -> object:
+def _epoch(r: AcquireRequest, reply: Any, partition: int) -> object:
+    if isinstance(reply, PersistenceError):
+        return reply
     if isinstance(reply, Exception):
         return unavailable(f"redis acquire of {r.thread_id!r} failed: {reply}", reply)
     try:
-        return int(reply)
+        epoch = int(reply)
     except (TypeError, ValueError) as exc:
         return unavailable(f"unexpected redis reply to an acquire: {reply!r}", exc)
+    return _lease_lost(r.thread_id, partition, "activation") if epoch < 0 else epoch
+
+
+def _lease_lost(thread_id: str, partition: int, what: str) -> FencedError:
+    return FencedError(
+        f"thread {thread_id!r}: this worker no longer holds the lease of partition "
+        f"{partition} (lost or moved); the {what} was refused"
+    )
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -213,7 +243,13 @@ class RedisSnapshotStore(Reentrant):
     With no ``client``, the store creates a client for ``redis://localhost:6379/0``
     and owns it. A client passed in is never closed by the store; it must not
     decode responses. ``prefix`` namespaces every key (no braces allowed).
-    ``max_batch`` caps the commits sent in one pipeline.
+    ``partitions`` is the deployment's partition count: fixed by the first
+    store, worker or client that uses ``prefix`` (default 64) and read from it
+    afterwards. ``max_batch`` caps the commits sent in one pipeline.
+    ``lease_token(partition)`` (given by a ``Worker``) returns the token of
+    the partition lease this process holds, or None: every activation, commit
+    and delete then checks it in the same script as the write, and raises
+    ``FencedError`` when the lease is no longer this process's.
 
     redis-py retries a command on connection errors according to the client's
     ``retry`` policy; a commit whose reply was lost and which is then retried
@@ -227,7 +263,9 @@ class RedisSnapshotStore(Reentrant):
         client: redis.asyncio.Redis | None = None,
         *,
         prefix: str = "threadline",
+        partitions: int | None = None,
         max_batch: int = 512,
+        lease_token: Callable[[int], str | None] | None = None,
     ) -> None:
         check_prefix(prefix)
         if max_batch < 1:
@@ -239,6 +277,9 @@ class RedisSnapshotStore(Reentrant):
         )
         self._client = client
         self._prefix = prefix
+        self._partitions = partitions
+        self._layout: KeyLayout | None = None
+        self._lease_token = lease_token
         self._index = f"{prefix}:threads"
         self._max_batch = max_batch
         self._acquire_script: AsyncScript = client.register_script(_ACQUIRE_LUA)
@@ -269,6 +310,7 @@ class RedisSnapshotStore(Reentrant):
     # -- lifecycle ---------------------------------------------------------
 
     async def _open(self) -> None:
+        self._layout = await deployment_layout(self._client, self._prefix, self._partitions)
         committer: GroupCommitter[_Request] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
@@ -290,17 +332,38 @@ class RedisSnapshotStore(Reentrant):
 
     # -- keys --------------------------------------------------------------
 
-    def _base(self, thread_id: str) -> str:
-        return f"{self._prefix}:t:{{{escape_thread_id(thread_id)}}}"
+    @property
+    def layout(self) -> KeyLayout:
+        """The deployment's key layout (known once the store is open)."""
+        if self._layout is None:
+            raise StoreUnavailableError("store is closed")
+        return self._layout
 
     def _keys(self, thread_id: str) -> tuple[str, str, str]:
-        base = self._base(thread_id)
-        return f"{base}:head", f"{base}:steps", f"{base}:full"
+        keys = self.layout.for_thread(thread_id)
+        return (
+            keys.thread(thread_id, "head"),
+            keys.thread(thread_id, "steps"),
+            keys.thread(thread_id, "full"),
+        )
 
     def _inbox_keys(self, thread_id: str) -> tuple[str, str, str]:
         """The thread's inbox (ids), its entries (id -> envelope) and its dead letters."""
-        base = self._base(thread_id)
-        return f"{base}:inbox", f"{base}:told", f"{base}:dead"
+        keys = self.layout.for_thread(thread_id)
+        return (
+            keys.thread(thread_id, "inbox"),
+            keys.thread(thread_id, "told"),
+            keys.thread(thread_id, "dead"),
+        )
+
+    def _fence(self, thread_id: str) -> tuple[str, str | None, int]:
+        """The thread's partition lease key, the token to check ('' = unfenced;
+        None = this process holds no lease of it) and the partition."""
+        partition = self.layout.partition_of(thread_id)
+        lease = self.layout.partition(partition).lease
+        if self._lease_token is None:
+            return lease, "", partition
+        return lease, self._lease_token(partition), partition
 
     # -- reads -------------------------------------------------------------
 
@@ -377,13 +440,18 @@ class RedisSnapshotStore(Reentrant):
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         self._check_open()
         keys = self._keys(thread_id)
+        lease, token, partition = self._fence(thread_id)
+        if token is None:
+            raise _lease_lost(thread_id, partition, "delete")
         with mapped("delete"):
             reply = await self._delete_script(
-                keys=list(keys), args=["" if epoch is None else epoch]
+                keys=[*keys, lease], args=["" if epoch is None else epoch, token]
             )
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
             return False
+        if status == 2:
+            raise _lease_lost(thread_id, partition, "delete")
         if status == 1:
             assert epoch is not None
             check_fence(thread_id, value, epoch)
@@ -507,7 +575,7 @@ class RedisSnapshotStore(Reentrant):
         if isinstance(r, CommitRequest):
             return self._result(r, reply)
         if isinstance(r, AcquireRequest):
-            return _epoch(r, reply)
+            return _epoch(r, reply, self.layout.partition_of(r.thread_id))
         if isinstance(reply, PersistenceError):
             return reply
         if isinstance(reply, Exception):
@@ -518,8 +586,9 @@ class RedisSnapshotStore(Reentrant):
         """One pipeline for the batch; one reply (or error) per request."""
         commit_sha, acquire_sha = self._commit_script.sha, self._acquire_script.sha
         enqueue_sha = self._enqueue_script.sha
+        refused: dict[int, FencedError] = {}  # index in batch -> refused here, not sent
         async with self._client.pipeline(transaction=False) as pipe:
-            for r in batch:
+            for n, r in enumerate(batch):
                 if isinstance(r, EnqueueRequest):
                     inbox, told, _ = self._inbox_keys(r.thread_id)
                     pipe.evalsha(enqueue_sha, 2, inbox, told, r.message_id, r.envelope)
@@ -528,8 +597,13 @@ class RedisSnapshotStore(Reentrant):
                     pipe.sadd(self._index, r.thread_id)
                     continue
                 head, steps, full = self._keys(r.thread_id)
+                lease, token, partition = self._fence(r.thread_id)
+                if token is None:
+                    what = "activation" if isinstance(r, AcquireRequest) else "commit"
+                    refused[n] = _lease_lost(r.thread_id, partition, what)
+                    continue
                 if isinstance(r, AcquireRequest):
-                    pipe.evalsha(acquire_sha, 1, head)
+                    pipe.evalsha(acquire_sha, 2, head, lease, token)
                     continue
                 inbox, told, _ = self._inbox_keys(r.thread_id)
                 args: list[bytes | int | str] = [
@@ -538,18 +612,22 @@ class RedisSnapshotStore(Reentrant):
                     r.step,
                     r.turn or "",
                     r.consumed or "",
+                    token,
                 ]
                 if r.full is not None:
                     args.append(r.full)
-                pipe.evalsha(commit_sha, 5, head, steps, full, inbox, told, *args)
+                pipe.evalsha(commit_sha, 6, head, steps, full, inbox, told, lease, *args)
                 if r.expected_version == 0:
                     # After the script: a delete that races with this first
                     # commit sees the new head and keeps the index entry.
                     pipe.sadd(self._index, r.thread_id)
-            raw = await pipe.execute(raise_on_error=False)
+            raw = await pipe.execute(raise_on_error=False) if len(refused) < len(batch) else []
         replies: list[Any] = []
         i = 0
-        for r in batch:
+        for n, r in enumerate(batch):
+            if n in refused:
+                replies.append(refused[n])
+                continue
             reply = raw[i]
             i += 1
             indexed_too = isinstance(r, EnqueueRequest) or (
@@ -576,6 +654,8 @@ class RedisSnapshotStore(Reentrant):
             return unavailable(f"unexpected redis reply to a commit: {reply!r}", exc)
         if status == 0:
             return None
+        if status == 5:
+            return _lease_lost(r.thread_id, self.layout.partition_of(r.thread_id), "commit")
         try:
             if status == 3:  # the third value is the steps list's length
                 check_records(r.thread_id, None if version < 0 else version, third)

@@ -215,7 +215,10 @@ class Worker(Generic[S]):
             # steps (their replies are queued), then the leases go back and the
             # publisher drains the queue, then the connections close.
             stack.push_async_callback(self._leave)
-            store = RedisSnapshotStore(client, prefix=self.prefix)
+            # Every activation, commit and delete checks this worker's lease of
+            # the thread's partition in the same script: a worker that lost it
+            # writes nothing, even before the next owner touches the thread.
+            store = RedisSnapshotStore(client, prefix=self.prefix, lease_token=self._token)
             # Recovery is per partition here (the inbox's pending entries), not
             # of the whole store, which other workers share.
             self.system: ActorSystem[S] = ActorSystem(
@@ -282,6 +285,10 @@ class Worker(Generic[S]):
                 except PersistenceError as exc:
                     self._log.warning("worker.tick_failed", error=str(exc))
                 await anyio.sleep(tick)
+
+    def _token(self, partition: int) -> str | None:
+        lease = self._leases.get(partition)
+        return None if lease is None else lease.token
 
     @property
     def partitions(self) -> list[int]:

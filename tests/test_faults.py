@@ -35,6 +35,7 @@ from threadline import (
 )
 from threadline.persistence import (
     FORMAT_VERSION,
+    KeyLayout,
     RedisSnapshotStore,
     SnapshotStore,
     SqliteSnapshotStore,
@@ -357,7 +358,11 @@ def damage_redis(server: RedisServer, prefix: str, thread: str, how: str) -> Non
     try:
         (key,) = [
             k
-            for k in raw.scan_iter(match=f"{prefix}:t:{{{thread}}}:steps")
+            for k in raw.scan_iter(
+                match=KeyLayout(prefix=prefix, partitions=64)
+                .for_thread(thread)
+                .thread(thread, "steps")
+            )
             if raw.type(k) == b"list"
         ]
         record = raw.lindex(key, -1)

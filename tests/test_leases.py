@@ -586,6 +586,67 @@ async def test_f13_the_snapshot_store_on_a_cluster(
         assert await store.delete(threads[0])
 
 
+# -- the snapshot store's writes are fenced by the partition lease -----------------
+
+
+@pytest.mark.redis
+async def test_a_worker_store_writes_only_under_its_partition_lease(
+    client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    from threadline.persistence import CommitRequest
+
+    held: dict[int, Lease] = {}
+    store = RedisSnapshotStore(
+        client,
+        prefix=redis_prefix,
+        lease_token=lambda p: held[p].token if p in held else None,
+    )
+    async with store:
+        layout = store.layout
+        leases = PartitionLeases(client, layout=layout, ttl_ms=10_000)
+        thread = "t-fenced"
+        partition = layout.partition_of(thread)
+        head = layout.for_thread(thread).thread(thread, "head")
+
+        def commit(version: int, epoch: int) -> CommitRequest:
+            return CommitRequest(
+                thread_id=thread, expected_version=version, epoch=epoch, step=b"s%d" % version
+            )
+
+        # No lease of the partition: nothing is activated, committed or deleted.
+        with pytest.raises(FencedError, match=f"partition {partition}"):
+            await store.acquire(thread)
+        assert await client.exists(head) == 0
+
+        lease = await leases.acquire(partition, "w-a")
+        assert lease is not None
+        held[partition] = lease
+        epoch = await store.acquire(thread)
+        await store.commit(commit(0, epoch))
+
+        # The lease expires while this worker still believes it holds it (a
+        # pause), and another worker takes the partition without touching the
+        # thread: its epoch is unchanged, so only the lease can refuse the write.
+        await client.delete(layout.partition(partition).lease)
+        successor = await leases.acquire(partition, "w-b")
+        assert successor is not None and successor.epoch == lease.epoch + 1
+        with pytest.raises(FencedError, match="lease of partition"):
+            await store.commit(commit(1, epoch))
+        with pytest.raises(FencedError, match="lease of partition"):
+            await store.acquire(thread)
+        with pytest.raises(FencedError, match="lease of partition"):
+            await store.delete(thread, epoch=epoch)
+        assert await client.hget(head, "version") == b"1"
+        assert int(await client.hget(head, "epoch") or 0) == epoch
+
+        # The new holder writes on.
+        held[partition] = successor
+        epoch = await store.acquire(thread)
+        await store.commit(commit(1, epoch))
+        loaded = await store.load(thread)
+        assert loaded is not None and loaded.version == 2 and loaded.steps == [b"s0", b"s1"]
+
+
 # -- F5: worker processes race for the same partitions ------------------------------
 
 

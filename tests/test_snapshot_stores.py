@@ -23,6 +23,7 @@ from threadline.persistence import (
     ConflictError,
     FencedError,
     InboxEntry,
+    KeyLayout,
     PersistenceError,
     RecoverableThread,
     RedisSnapshotStore,
@@ -32,6 +33,7 @@ from threadline.persistence import (
     StoreUnavailableError,
 )
 from threadline.persistence._batch import GroupCommitter
+from threadline.persistence._partitions import partition_tag
 
 pytestmark = pytest.mark.anyio
 
@@ -745,13 +747,17 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
     by_tag: dict[str | None, set[str]] = {}
     for key in keys:
         by_tag.setdefault(_hash_tag(key), set()).add(key)
-    assert by_tag.pop(None) == {f"{redis_prefix}:threads"}
-    assert set(by_tag) == {_escape(thread_id) for thread_id in ids}
+    assert by_tag.pop(None) == {f"{redis_prefix}:threads", f"{redis_prefix}:config"}
+    # Format 2: a thread's keys carry its partition's tag (crc32 % 64, the default).
+    layout = KeyLayout(prefix=redis_prefix, partitions=64)
+    expected: dict[str, set[str]] = {}
     for thread_id in ids:
-        base = f"{redis_prefix}:t:{{{_escape(thread_id)}}}"
-        assert by_tag[_escape(thread_id)] == {
+        tag = partition_tag(layout.partition_of(thread_id))[1:-1]
+        base = f"{redis_prefix}:{{{tag}}}:t:{_escape(thread_id)}"
+        expected.setdefault(tag, set()).update(
             f"{base}:{name}" for name in ("head", "steps", "full", "inbox", "told", "dead")
-        }
+        )
+    assert by_tag == expected
 
 
 @pytest.mark.redis
@@ -834,7 +840,13 @@ async def test_redis_client_ownership(redis_server: Any, redis_prefix: str) -> N
             epoch = await store.acquire("t")
             await store.commit(req("t", 0, epoch))
         assert await client.ping()  # a client passed in stays open
-        assert await client.hget(f"{redis_prefix}:t:{{t}}:head", "version") == b"1"
+        assert (
+            await client.hget(
+                KeyLayout(prefix=redis_prefix, partitions=64).for_thread("t").thread("t", "head"),
+                "version",
+            )
+            == b"1"
+        )
     finally:
         await client.aclose()
 

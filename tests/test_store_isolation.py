@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from threadline.actors import SnapshotCorruptError
-from threadline.persistence import CommitRequest, SnapshotStore, SqliteSnapshotStore
+from threadline.persistence import CommitRequest, KeyLayout, SnapshotStore, SqliteSnapshotStore
 from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel
 
 pytestmark = pytest.mark.anyio
@@ -58,16 +58,17 @@ def damage_sqlite(path: Path, damage: str, thread_id: str = "bad") -> None:
 
 
 def damage_redis(port: int, prefix: str, damage: str, thread_id: str = "bad") -> None:
-    base = f"{prefix}:t:{{{thread_id}}}"
+    keys = KeyLayout(prefix=prefix, partitions=64).for_thread(thread_id)
+    head, steps = keys.thread(thread_id, "head"), keys.thread(thread_id, "steps")
     raw = redis.Redis(host="127.0.0.1", port=port)
     try:
-        assert raw.llen(f"{base}:steps") == 4
+        assert raw.llen(steps) == 4
         if damage == "head-behind":
-            raw.hset(f"{base}:head", "version", 2)
+            raw.hset(head, "version", 2)
         elif damage == "head-missing":
-            raw.delete(f"{base}:head")
+            raw.delete(head)
         else:
-            raw.rpop(f"{base}:steps")
+            raw.rpop(steps)
     finally:
         raw.close()
 
