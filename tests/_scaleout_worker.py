@@ -8,6 +8,9 @@ worker has joined (before it serves); SIGTERM stops it gracefully (it prints
 ``stopped`` on the way out). ``CALL_LOG``: every model and tool call appends
 one line (``model <thread> <n>`` / ``tool <tool call id>``) there, in one
 ``write`` on an ``O_APPEND`` descriptor, so a SIGKILL never tears one.
+A message ``hold ...`` asks for the tool ``hold``, which logs ``hold-start
+<call id>``, waits until the file ``CALL_LOG.gate`` exists, then logs
+``hold-end <call id>`` (a turn the F4 test stops a worker in).
 Logs go to stderr.
 """
 
@@ -47,6 +50,8 @@ def make_agent(call_log: str | None = None) -> Agent[Any]:
         await anyio.sleep(STEP_DELAY)
         note(f"model {request.runtime.thread_id} {len(request.messages)}")
         last = request.messages[-1]
+        if isinstance(last, HumanMessage) and last.content.startswith("hold"):
+            return AIMessage("", tool_calls=[ToolCall(id=f"hold-{last.id}", name="hold", args={})])
         if isinstance(last, HumanMessage) and last.content.startswith("tool"):
             calls = [
                 ToolCall(id=f"call-{last.id}-{k}", name="work", args={"k": k}) for k in range(2)
@@ -62,7 +67,15 @@ def make_agent(call_log: str | None = None) -> Agent[Any]:
         note(f"tool {runtime.tool_call_id}")
         return f"worked {k}"
 
-    return Agent(model=ScriptedModel(respond), tools=[work])
+    async def hold(runtime: ToolRuntime) -> str:
+        """Waits for the test's gate."""
+        note(f"hold-start {runtime.tool_call_id}")
+        while call_log is not None and not os.path.exists(call_log + ".gate"):
+            await anyio.sleep(0.01)
+        note(f"hold-end {runtime.tool_call_id}")
+        return "held"
+
+    return Agent(model=ScriptedModel(respond), tools=[work, hold])
 
 
 def dump_tasks() -> None:

@@ -616,6 +616,77 @@ async def test_f3_scaling_1_2_4_1_balances_and_loses_nothing(
     print(f"F3: (workers, seconds to balance, loads) {steps}; errors {errors}; {figures}")
 
 
+# -- F4: a worker SIGSTOPped past its lease, then SIGCONT --------------------------------
+
+
+async def test_f4_a_stopped_worker_commits_nothing_after_its_lease_and_its_turn_is_finished(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    """The worker is stopped inside a tool call; its lease expires and another
+    holder takes the partition without touching the thread (the thread's own
+    fencing epoch is unchanged, so only the lease can refuse the stale write).
+    Woken, the worker finishes the tool and tries to commit: refused. Once the
+    partition is free again the turn is resumed from its last committed step
+    (the tool runs again, nothing before it does), and the history checker
+    finds nothing lost, duplicated, reordered or forked."""
+    url, prefix, P = redis_server.url, redis_prefix, 4
+    thread = "f4"
+    partition = partition_of(thread, P)
+    call_log = tmp_path / "calls.log"
+    gate = tmp_path / "calls.log.gate"
+    with (
+        workers_of(url, prefix, P, tmp_path, call_log) as workers,
+        anyio.fail_after(120),
+        History(tmp_path / "history.jsonl") as history,
+    ):
+        (worker,) = await workers.start(1)
+        async with Client(url, prefix=prefix) as client, lease_table(url, prefix, P) as leases:
+            workload = Workload(client, history, [thread])
+            await workload.send(thread, 0, ask=True, text="say 0")
+            asking = anyio.Event()
+
+            async def ask_hold() -> None:
+                await workload.send(thread, 1, ask=True, text="hold 1")
+                asking.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask_hold)
+
+                def calls() -> list[str]:
+                    return call_log.read_text().split("\n") if call_log.exists() else []
+
+                while not any(line.startswith("hold-start") for line in calls()):
+                    await anyio.sleep(0.01)
+                worker.proc.send_signal(signal.SIGSTOP)
+                try:
+                    while await leases.holder(partition) is not None:
+                        await anyio.sleep(0.05)
+                    intruder = await leases.acquire(partition, "intruder")
+                    assert intruder is not None
+                    before = await client.history(thread)
+                    gate.touch()
+                finally:
+                    worker.proc.send_signal(signal.SIGCONT)
+                # Woken: the tool ends, the commit of its step is refused.
+                while "lease of partition" not in worker.errors.read_text(errors="replace"):
+                    assert await client.history(thread) == before  # nothing committed
+                    await anyio.sleep(0.05)
+                assert [line for line in calls() if line.startswith("hold-end")]
+                assert await client.history(thread) == before
+                parked = before[-1].turn
+                assert parked is not None and parked.next == "tools"  # parked before the tool step
+                assert await leases.release(intruder)
+                await asking.wait()
+            await workload.send(thread, 2, ask=True, text="final")
+            histories = await workload.histories()
+    figures = judge(history, histories, "F4")
+    holds = [line.split()[1] for line in calls() if line.startswith("hold-start")]
+    assert len(holds) == 2 and holds[0] == holds[1]  # the one tool call, run again once
+    tool_steps = [s for s in histories[thread] if s.kind == "tools"]
+    assert len(tool_steps) == 1
+    print(f"F4: {figures}")
+
+
 # -- F6: a client dies right after tell returns ---------------------------------------------
 
 
