@@ -165,7 +165,16 @@ class ActorContext(Generic[S]):
     activity with it, sharing its float object instead of making one each.
     """
 
-    __slots__ = ("acknowledge", "behavior", "capacity", "clock", "keep_consumed", "log", "spawn")
+    __slots__ = (
+        "acknowledge",
+        "behavior",
+        "capacity",
+        "clock",
+        "keep_consumed",
+        "log",
+        "max_resumes",
+        "spawn",
+    )
 
     def __init__(
         self,
@@ -175,11 +184,13 @@ class ActorContext(Generic[S]):
         capacity: int,
         keep_consumed: int,
         acknowledge: Acknowledge | None = None,
+        max_resumes: int = 5,
     ) -> None:
         self.behavior = behavior
         self.spawn = spawn
         self.capacity = capacity
         self.keep_consumed = keep_consumed
+        self.max_resumes = max_resumes
         # The post-commit acknowledgement: where an envelope came from a durable
         # inbox, this removes it there once its consuming step is committed.
         # None in memory (nothing to remove), so the hot path pays nothing.
@@ -301,7 +312,7 @@ class ThreadActor(Generic[S]):
         try:
             if not self.ready:
                 try:
-                    await self._activate()
+                    await self._activate(counted=envelope.kind == "wake")
                 except PersistenceError:
                     # A delete must work on a thread that no longer loads (say,
                     # a corrupt record): ownership was taken before the load.
@@ -334,7 +345,9 @@ class ThreadActor(Generic[S]):
             if reply is not None:
                 reply.fail(exc)
 
-    async def _activate(self) -> None:
+    async def _activate(self, *, counted: bool = False) -> None:
+        """Load the thread and resume a parked turn; ``counted``: a recovery's
+        wake (the system starting again), which counts the resume durably."""
         self.ready = False
         recovered = await self._journal.open(self._ctx.keep_consumed)
         self.state, self.turn = recovered.state, recovered.turn
@@ -343,10 +356,40 @@ class ThreadActor(Generic[S]):
         self._ctx.log.info(
             "thread.activated", version=recovered.version, resume=self.turn is not None
         )
-        if self.turn is not None:
-            # A failure is recorded durably as an abort step and logged; nobody awaits it.
-            with contextlib.suppress(TurnFailedError):
-                await self._run_turn(self.turn, None)
+        turn = self.turn
+        if turn is None:
+            return
+        if counted:
+            turn = await self._count_resume(turn)
+            if turn is None:
+                return
+        # A failure is recorded durably as an abort step and logged; nobody awaits it.
+        with contextlib.suppress(TurnFailedError):
+            await self._run_turn(turn, None)
+
+    async def _count_resume(self, turn: TurnCursor) -> TurnCursor | None:
+        """Commit a ``resume`` step (the cursor counts it), or, past
+        ``max_resumes``, an ``abort`` step (None: nothing to run).
+
+        Counted durably before the turn runs again: a turn that takes its
+        process down each time (a tool that crashes it, memory it runs out of)
+        would otherwise be resumed, and crash it, at every start. Only a
+        recovery's wake counts: a thread taken over by another owner of the
+        store (which fences this one) is not a crash.
+        """
+        assert self.state is not None
+        limit = self._ctx.max_resumes
+        if turn.resumes >= limit:
+            error = (
+                f"the turn of message {turn.message_id!r} was resumed {turn.resumes} times at "
+                f"step {turn.next!r} and its process stopped each time (max_resumes {limit})"
+            )
+            self._ctx.log.warning("turn.aborted_resumes", step=turn.next, resumes=turn.resumes)
+            await self._commit("abort", [], self.state, None, None, error=error)
+            return None
+        turn = msgspec.structs.replace(turn, resumes=turn.resumes + 1)
+        await self._commit("resume", [], self.state, turn, None)
+        return turn
 
     # -- steps -------------------------------------------------------------------
 
@@ -458,8 +501,12 @@ class ThreadActor(Generic[S]):
                 if reply is not None:
                     reply.fail(failed)
                 raise failed from exc
-            await self._commit(outcome.kind, outcome.updates, outcome.state, outcome.next, reply)
             cursor = outcome.next
+            if cursor is not None and cursor.resumes:
+                # A step completed: the turn is not stuck. ``max_resumes`` counts
+                # resumes since the last step, what a crash loop never gets past.
+                cursor = msgspec.structs.replace(cursor, resumes=0)
+            await self._commit(outcome.kind, outcome.updates, outcome.state, cursor, reply)
         if reply is not None and envelope is not None:
             reply.resolve(self._result(envelope))
 

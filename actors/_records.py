@@ -29,6 +29,10 @@ class TurnCursor(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     context: Any = None
     model_calls: int = 0
     tool_calls: int = 0
+    resumes: int = 0
+    """How many times the turn was resumed at ``next`` since its last completed
+    step (each resume commits a ``resume`` step first, so a crash loop is
+    counted; a completed step starts the count again)."""
 
 
 class StepRecord(msgspec.Struct, Generic[P], frozen=True, kw_only=True, array_like=True):

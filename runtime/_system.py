@@ -58,7 +58,11 @@ class ActorSystem(Generic[S]):
     The system owns every actor task in its task group; leaving the block
     finishes in-flight turns (for up to ``shutdown_timeout`` seconds) and then
     cancels what is left, which stays durably parked at its last committed
-    step and resumes on next activation.
+    step and resumes on next activation. Each resume commits a ``resume``
+    step first; a turn found parked at the same step after ``max_resumes``
+    resumes (its process stopped each time before the step completed: a tool
+    that crashes it, say) is aborted instead (an ``abort`` step), so it cannot
+    take every start down with it.
 
     ``tell`` returns once its message is in the snapshot store's inbox. On
     entering, the system recovers in the background (``recover=True``): every
@@ -85,9 +89,12 @@ class ActorSystem(Generic[S]):
         keep_consumed: int = 128,
         shutdown_timeout: float = 30.0,
         recover: bool = True,
+        max_resumes: int = 5,
     ) -> None:
         if mailbox_capacity < 1 or max_message_bytes < 1 or keep_consumed < 1:
             raise ValueError("mailbox_capacity, max_message_bytes and keep_consumed must be >= 1")
+        if isinstance(max_resumes, bool) or not isinstance(max_resumes, int) or max_resumes < 0:
+            raise ValueError(f"max_resumes must be an int >= 0, got {max_resumes!r}")
         self.agent = agent
         self.snapshots = open_snapshot_store(snapshots)
         self.store = store
@@ -125,6 +132,7 @@ class ActorSystem(Generic[S]):
             capacity=mailbox_capacity,
             keep_consumed=keep_consumed,
             acknowledge=self._acknowledge,
+            max_resumes=max_resumes,
         )
         self.client: LocalClient[S] = LocalClient(self)
 
@@ -344,8 +352,10 @@ class ActorSystem(Generic[S]):
                 continue
             self._inboxed.add((thread.thread_id, entry.message_id))
             envelopes.append(envelope)
-        if not envelopes and thread.turn is not None:
-            envelopes.append(self._wake_up(thread.thread_id))
+        if thread.turn is not None:
+            # The wake first: it activates the thread, which counts the resume
+            # of its parked turn (``max_resumes``) before anything else runs.
+            envelopes.insert(0, self._wake_up(thread.thread_id))
         # What fits goes in now; the rest waits for room in a task of its own,
         # holding back only this thread's new messages.
         actor = self.route(thread.thread_id)

@@ -52,7 +52,7 @@ VERDICTS = ("lost", "duplicated", "reordered", "forked", "skipped", "unbacked", 
 
 # Step kinds the actor writes itself; every other kind is a behavior step and
 # must be the one its turn's cursor named as ``next``.
-BOOKKEEPING = frozenset({"input", "update", "abort"})
+BOOKKEEPING = frozenset({"input", "update", "abort", "resume"})
 
 
 class Op(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -437,6 +437,10 @@ def _check_cursor(report: Report, thread: str, step: StepInfo, turn: Any) -> Non
     if kind == "abort":
         if new is not None:
             report.add("forked", thread, turn.message_id, f"abort step {v} left a turn open")
+        return
+    if kind == "resume":
+        if new is None or (new.message_id, new.next) != (turn.message_id, turn.next):
+            report.add("forked", thread, turn.message_id, f"resume step {v} moved the turn")
         return
     if kind not in BOOKKEEPING and kind != turn.next:
         report.add(

@@ -3,6 +3,7 @@
     python tests/_worker.py crash  STORE THREAD MARKER   # hangs in the tools step
     python tests/_worker.py resume STORE THREAD         # sends "after", prints the result
     python tests/_worker.py race   STORE THREAD TAG N START  # N asks from time START
+    python tests/_worker.py crashloop STORE THREAD LOG MAX_RESUMES  # its tool kills it
 
 STORE is a path (SQLite) or ``redis://host:port/0#prefix``.
 """
@@ -42,12 +43,14 @@ def script(request: ModelRequest[Any]) -> AIMessage | str:
     return f"reply to {last.content}"
 
 
-def make_agent(marker: Path | None, log: Path | None) -> Agent[Any]:
+def make_agent(marker: Path | None, log: Path | None, *, lethal: bool = False) -> Agent[Any]:
     async def work() -> str:
         """Does the work (and records that it ran)."""
         if log is not None:
             with log.open("a") as f:
                 f.write(f"{os.getpid()}\n")
+        if lethal:
+            os._exit(3)  # the process dies inside the tool, every time
         if marker is not None:
             marker.write_text("in tools")
             await anyio.sleep_forever()
@@ -68,6 +71,17 @@ async def main(argv: list[str]) -> None:
     elif mode == "resume":
         log = Path(argv[3]) if len(argv) > 3 else None
         async with ActorSystem(make_agent(None, log), snapshots=store) as system:
+            result = await system.ask(thread, "after")
+            print(json.dumps({"version": result.version, "text": result.text}))
+    elif mode == "crashloop":
+        # Tells a tool turn (first run) or asks "after" (later runs: recovery
+        # resumes the parked turn first); the tool kills the process.
+        log, max_resumes = Path(argv[3]), int(argv[4])
+        agent = make_agent(None, log, lethal=True)
+        async with ActorSystem(agent, snapshots=store, max_resumes=max_resumes) as system:
+            if not log.exists():
+                await system.tell(thread, "tool please")
+                await anyio.sleep_forever()
             result = await system.ask(thread, "after")
             print(json.dumps({"version": result.version, "text": result.text}))
     elif mode == "race":

@@ -85,7 +85,8 @@ def test_sigkill_between_steps_then_a_new_process_finishes_the_turn_once(
     out = run_worker("resume", spec, "thread-1", str(tool_log))
     result = json.loads(out.stdout)
     assert result["text"] == "reply to after"
-    assert result["version"] == 6  # input, model, tools, model (resumed turn), input, model
+    # input, model, (crash) resume, tools, model (the resumed turn), input, model
+    assert result["version"] == 7
 
     async def check() -> None:
         from ._worker import open_store
@@ -100,11 +101,49 @@ def test_sigkill_between_steps_then_a_new_process_finishes_the_turn_once(
             assert [m.tool_call_id for m in answers] == [call.tool_calls[0].id]
             assert messages[3].content == "tool said worked"
             kinds = [s.kind for s in await system.history("thread-1")]
-            assert kinds == ["input", "model", "tools", "model", "input", "model"]
+            assert kinds == ["input", "model", "resume", "tools", "model", "input", "model"]
 
     anyio.run(check)
     # The tool ran once in the killed process (uncommitted) and once on resume.
     assert len(tool_log.read_text().split()) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", PROCESS_KINDS)
+def test_a_turn_that_kills_its_process_at_every_start_is_aborted_after_max_resumes(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, redis_prefix: str
+) -> None:
+    """Without the resume count, recovery resumes the turn at every start and its
+    tool kills the process again: the thread (and the start) never get past it."""
+    spec = store_spec(kind, tmp_path, request, redis_prefix)
+    log = tmp_path / "tool.log"
+    codes = []
+    for _ in range(3):  # the first run, then two resumes
+        done = subprocess.run(
+            [sys.executable, WORKER, "crashloop", spec, "t", str(log), "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        codes.append(done.returncode)
+    assert codes == [3, 3, 3], codes
+    out = run_worker("crashloop", spec, "t", str(log), "2")  # aborts the turn, then serves
+    result = json.loads(out.stdout)
+    assert result["text"] == "reply to after"
+    assert len(log.read_text().split()) == 3  # the tool ran three times, not a fourth
+
+    async def check() -> None:
+        from ._worker import open_store
+
+        async with ActorSystem(make_agent(None, None), snapshots=open_store(spec)) as system:
+            history = await system.history("t")
+        kinds = [s.kind for s in history]
+        assert kinds == ["input", "model", "resume", "resume", "abort", "input", "model"]
+        assert [s.turn.resumes for s in history[2:4] if s.turn is not None] == [1, 2]
+        error = history[4].error or ""
+        assert "resumed 2 times at step 'tools'" in error and "max_resumes 2" in error
+
+    anyio.run(check)
 
 
 @pytest.mark.slow

@@ -342,3 +342,19 @@ async def test_real_history_passes_and_each_mutation_is_convicted(tmp_path: Path
     # the history's messages really are the ones sent
     human = [u for s in steps if s.kind == "input" for u in s.updates]
     assert all(isinstance(u["messages"][0], HumanMessage) for u in human)
+
+
+def test_a_resume_step_keeps_the_turn_where_it_was() -> None:
+    h = History()
+    asked(h, "t", "m1", 3)
+    resumed = [
+        step(1, "input", "m1", "model", consumed="m1"),
+        step(2, "resume", "m1", "model"),
+        step(3, "model"),
+    ]
+    assert check(h.ops, {"t": resumed}).ok
+    resumed[1] = step(2, "resume", "m1", "tools")  # a resume that skipped the model step
+    report = check(h.ops, {"t": resumed})
+    # The resume, and the model step where the moved cursor said "tools".
+    assert verdicts(report) == {"forked": 2}
+    assert "resume step 2 moved the turn" in report.violations[0].detail

@@ -222,7 +222,8 @@ async def test_a_turn_parked_by_the_shutdown_timeout_resumes_on_restart(
     async with ActorSystem(fast_agent(), snapshots=store) as system:
 
         async def resumed() -> bool:
-            return [s.kind for s in await system.history("t")] == ["input", "model"]
+            kinds = [s.kind for s in await system.history("t")]
+            return kinds == ["input", "resume", "model"]
 
         await eventually(resumed)
         snapshot = await system.get_state("t")
@@ -254,7 +255,7 @@ async def test_told_messages_left_in_the_mailbox_at_shutdown_run_on_restart(
         assert await consumed(system, "t") == ["m0", "m1", "m2", "m3", "m4", "new"]
         assert await consumed(system, "u") == ["u0"]
         kinds = [s.kind for s in await system.history("t")]
-        assert kinds == ["input", "model"] * 6
+        assert kinds == ["input", "resume", "model"] + ["input", "model"] * 5
 
 
 async def test_an_undecodable_inbox_entry_is_dead_lettered_and_the_thread_goes_on(
