@@ -537,3 +537,32 @@ def test_the_command_on_an_empty_prefix_and_its_usage_errors(
     assert err.splitlines()[-1] == "threadline: error: --partitions must be at least 1, got 0"
     code, _, err = run("migrate", "--prefix", redis_prefix)
     assert code == 2 and "the following arguments are required: --redis" in err
+
+
+def test_the_command_on_a_cluster(
+    run: Any, redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    host, port = redis_cluster.startup
+
+    def on_cluster(work: Any, *args: Any, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            c = RedisCluster(host=host, port=port)
+            try:
+                await c.initialize()
+                return await work(c, *args, **kwargs)
+            finally:
+                await c.aclose()
+
+        return anyio.run(go)
+
+    threads = [f"{ODD_ID}-{i}" for i in range(6)]
+    for thread_id in threads:
+        on_cluster(write_thread, redis_prefix, thread_id, indexed=False)
+    with pytest.raises(SnapshotFormatError) as caught:
+        on_cluster(deployment_layout, redis_prefix)
+    command = shlex.split(str(caught.value).rpartition("move them with: ")[2])
+    assert "--cluster" in command
+    code, out, err = run(*command[1:])
+    assert (code, err) == (0, "")
+    assert out.endswith(": 6 threads, 36 keys copied, 36 old keys deleted\n")
+    assert on_cluster(deployment_layout, redis_prefix).partitions == 64
