@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 import redis
 import redis.asyncio
@@ -25,8 +26,12 @@ from threadline.actors import PersistenceError, SnapshotFormatError
 from threadline.persistence import (
     DEPLOYMENT_PARTITIONS,
     LAYOUT_FORMAT,
+    DeadLetter,
+    InboxEntry,
     KeyLayout,
     Membership,
+    RecoverableThread,
+    RedisSnapshotStore,
     deployment_layout,
     migrate_layout,
 )
@@ -88,7 +93,8 @@ async def write_thread(
     for message_id, envelope in (("m2", b"\xffenvelope 2"), ("m3", b"envelope 3")):
         await client.hsetnx(old_key(prefix, thread_id, "told"), message_id, envelope + seed)
         await client.rpush(old_key(prefix, thread_id, "inbox"), message_id)
-    await client.hset(old_key(prefix, thread_id, "dead"), "m0", b"\x84\xa9msgpack" + seed)
+    letter = DeadLetter(message_id="m0", envelope=b"\xff" + seed, reason="undecodable", ts=1.5)
+    await client.hset(old_key(prefix, thread_id, "dead"), "m0", msgspec.msgpack.encode(letter))
     if indexed:
         await client.sadd(f"{prefix}:threads", thread_id)
     return {part: await read_key(client, old_key(prefix, thread_id, part)) for part in PARTS}
@@ -398,6 +404,46 @@ async def test_migrate_refuses_while_a_worker_is_live_unless_forced(
     report = await migrate_layout(client, prefix, force=True)
     assert report.keys_copied == 6
     await assert_moved(client, prefix, 64, threads)
+
+
+@pytest.mark.anyio
+async def test_the_store_refuses_format_1_data_and_reads_every_thread_once_migrated(
+    client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    prefix = redis_prefix
+    await write_thread(client, prefix, ODD_ID, seed=b"odd")
+    await write_queued_only(client, prefix, "queued")
+    with pytest.raises(SnapshotFormatError, match="threadline migrate"):
+        async with RedisSnapshotStore(client, prefix=prefix):
+            pass
+
+    await migrate_layout(client, prefix)
+
+    async with RedisSnapshotStore(client, prefix=prefix) as store:
+        assert await store.threads() == [ODD_ID]  # "queued" has no step yet
+        stored = await store.load(ODD_ID)
+        assert stored is not None
+        assert (stored.version, stored.epoch, stored.full_version) == (2, 3, 2)
+        assert (stored.full, stored.steps) == (b"\x00\xffFULLodd", [])
+        assert await store.read_steps(ODD_ID) == [
+            b"\xff\xfe\x00step 1odd",
+            b"\x80\x81 not utf-8 \xc3odd",
+        ]
+        assert await store.pending(ODD_ID) == [
+            InboxEntry("m2", b"\xffenvelope 2odd"),
+            InboxEntry("m3", b"envelope 3odd"),
+        ]
+        assert await store.dead_letters(ODD_ID) == [
+            DeadLetter(message_id="m0", envelope=b"\xffodd", reason="undecodable", ts=1.5)
+        ]
+        assert await store.pending("queued") == [InboxEntry("q1", b"\xfequeued")]
+        assert await store.recoverable_threads() == [
+            RecoverableThread(thread_id="queued", turn=None),
+            RecoverableThread(thread_id=ODD_ID, turn="m1"),
+        ]
+        # And it writes on: the next step lands after the migrated ones.
+        epoch = await store.acquire(ODD_ID)
+        assert epoch == 4
 
 
 # -- a Redis Cluster -------------------------------------------------------------------
