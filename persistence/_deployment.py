@@ -15,6 +15,7 @@ moved them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shlex
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -27,7 +28,7 @@ from redis.asyncio.connection import SSLConnection
 from threadline.actors import SnapshotFormatError
 
 from ._leases import AnyRedis
-from ._partitions import KeyLayout
+from ._partitions import KeyLayout, escape_key_id
 from ._redis_client import client_from_url, close_client, mapped
 
 DEPLOYMENT_PARTITIONS: Final = 64
@@ -129,8 +130,7 @@ _UNESCAPES: Final = {"%25": "%", "%7B": "{", "%7D": "}"}
 
 def old_key(prefix: str, thread_id: str, part: str) -> str:
     """The format-1 key of ``part`` of ``thread_id``: ``<prefix>:t:{<escaped id>}:<part>``."""
-    escaped = thread_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    return f"{prefix}:t:{{{escaped}}}:{part}"
+    return f"{prefix}:t:{{{escape_key_id(thread_id)}}}:{part}"
 
 
 def old_key_pattern(prefix: str) -> str:
@@ -139,6 +139,7 @@ def old_key_pattern(prefix: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", prefix) + ":t:{*}:*"
 
 
+@functools.lru_cache(maxsize=64)
 def _old_key_re(prefix: str) -> re.Pattern[str]:
     parts = "|".join(OLD_THREAD_PARTS)
     return re.compile(rf"{re.escape(prefix)}:t:\{{([^{{}}]*)\}}:({parts})", re.DOTALL)
