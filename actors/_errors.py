@@ -27,7 +27,8 @@
     │   ├── FencedError              a newer owner (epoch) holds the thread
     │   ├── SnapshotCorruptError     bad checksum, undecodable or too-deep record, a head that
     │   │                            disagrees with its steps, a damaged SQLite file
-    │   ├── SnapshotFormatError      a record written by a newer threadline
+    │   ├── SnapshotFormatError      a record written by a newer threadline; a Redis key
+    │   │                            layout to migrate (threadline migrate) or a newer one
     │   ├── ItemCorruptError         an undecodable store item, a damaged SQLite file
     │   └── StoreUnavailableError    the backend failed (I/O error, connection refused, ...)
     └── ThreadNotFoundError          no such thread
@@ -125,7 +126,9 @@ class SnapshotCorruptError(PersistenceError):
 
 
 class SnapshotFormatError(PersistenceError):
-    """A stored record was written in a newer format than this version understands."""
+    """A stored record was written in a newer format than this version understands,
+    or a Redis deployment's key layout is not the one it reads: a newer one, or the
+    old one (format 1), which ``threadline migrate`` moves to the current one."""
 
 
 class StoreUnavailableError(PersistenceError):

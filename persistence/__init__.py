@@ -12,6 +12,7 @@ from threadline.actors import StoreUnavailableError as StoreUnavailableError
 from ._codec import FORMAT_VERSION as FORMAT_VERSION
 from ._codec import Codec as Codec
 from ._deployment import DEPLOYMENT_PARTITIONS as DEPLOYMENT_PARTITIONS
+from ._deployment import LAYOUT_FORMAT as LAYOUT_FORMAT
 from ._deployment import deployment_layout as deployment_layout
 from ._deployment import open_redis as open_redis
 from ._inbox import decode_envelope as decode_envelope
@@ -33,6 +34,8 @@ from ._leases import Lease as Lease
 from ._leases import PartitionLeases as PartitionLeases
 from ._leases import fenced_script as fenced_script
 from ._membership import Membership as Membership
+from ._migrate import MigrationReport as MigrationReport
+from ._migrate import migrate_layout as migrate_layout
 from ._open import open_snapshot_store as open_snapshot_store
 from ._partitions import DEFAULT_PARTITIONS as DEFAULT_PARTITIONS
 from ._partitions import KeyLayout as KeyLayout
@@ -66,10 +69,12 @@ __all__ = (
     "Item",
     "ItemCorruptError",
     "KeyLayout",
+    "LAYOUT_FORMAT",
     "Lease",
     "Membership",
     "MemorySnapshotStore",
     "MemoryStore",
+    "MigrationReport",
     "Namespace",
     "PartitionKeys",
     "PartitionLeases",
@@ -95,6 +100,7 @@ __all__ = (
     "encode_envelope",
     "fenced_script",
     "load_thread",
+    "migrate_layout",
     "open_redis",
     "open_snapshot_store",
     "partition_of",

@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TextIO
 import anyio
 import httpx
 from anyio.from_thread import BlockingPortal
+from redis.asyncio.cluster import RedisCluster
 
 from threadline.actors import (
     AIMessage,
@@ -34,7 +35,16 @@ from threadline.actors import (
     ToolMessage,
     TurnFailedError,
 )
-from threadline.persistence import KeyLayout, Membership, PartitionLeases, RedisInbox, open_redis
+from threadline.persistence import (
+    LAYOUT_FORMAT,
+    KeyLayout,
+    Membership,
+    MigrationReport,
+    PartitionLeases,
+    RedisInbox,
+    migrate_layout,
+    open_redis,
+)
 
 from .._client import ThreadClient
 from .._door import check_thread_id
@@ -61,6 +71,7 @@ EPILOG = f"""examples:
   threadline chat --thread t --model openai:llama3 --base-url http://localhost:11434/v1
   threadline inspect demo
   threadline threads --db redis://localhost:6379/0
+  threadline migrate --redis redis://localhost:6379/0 --prefix tl
 
 Logs: -v shows threadline's info logs on stderr, -vv its debug logs."""
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -346,6 +357,58 @@ async def _workers(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> i
     return 0
 
 
+async def _migrate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    """Move a prefix's threads from key layout format 1 to format 2 (workers stopped)."""
+    if args.partitions is not None and args.partitions < 1:
+        raise UsageError(f"--partitions must be at least 1, got {args.partitions}")
+    async with contextlib.AsyncExitStack() as stack:
+        client: Any
+        if args.cluster:
+            client = RedisCluster.from_url(args.redis)
+            stack.push_async_callback(client.aclose)
+        else:
+            client = await stack.enter_async_context(open_redis(args.redis, "threadline migrate"))
+        try:
+            report = await migrate_layout(
+                client,
+                args.prefix,
+                partitions=args.partitions,
+                delete_old=not args.keep_old,
+                force=args.force,
+            )
+        except ValueError as exc:  # a partition count other than the stored one
+            raise Failure(str(exc)) from exc
+    print(migration_summary(report, args.redis, keep_old=args.keep_old), file=stdout)
+    return 0
+
+
+def migration_summary(report: MigrationReport, url: str, *, keep_old: bool) -> str:
+    """What ``threadline migrate`` did, in one line."""
+    where = f"the prefix {report.prefix!r} on {url}"
+    if keep_old:
+        old = "old keys kept (run again without --keep-old to delete them)"
+    elif report.already_migrated and not report.keys_deleted:
+        old = "no old keys left"
+    else:
+        old = f"{plural(report.keys_deleted, 'old key')} deleted"
+    if report.already_migrated:
+        return (
+            f"{where} is at key layout format {LAYOUT_FORMAT} already "
+            f"({report.partitions} partitions): nothing copied, {old}"
+        )
+    if not report.format_set:
+        return (
+            f"nothing to migrate: no deployment and no format-1 keys under {where} "
+            "(a RedisSnapshotStore used on its own has the prefix 'threadline': "
+            "--prefix threadline)"
+        )
+    return (
+        f"migrated {where} to key layout format {LAYOUT_FORMAT} "
+        f"({report.partitions} partitions): {plural(report.threads, 'thread')}, "
+        f"{plural(report.keys_copied, 'key')} copied, {old}"
+    )
+
+
 def demo_agent() -> Agent[Any]:
     return Agent(model=demo_model(), tools=[word_count], system_prompt=SYSTEM_PROMPT)
 
@@ -373,6 +436,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[in
     "threads": _threads,
     "worker": _worker,
     "workers": _workers,
+    "migrate": _migrate,
 }
 
 
@@ -465,6 +529,43 @@ def _parser() -> _Parser:
         "partition: its owner (lease holder) and lease epoch, its inbox backlog (entries "
         "not yet acknowledged) and how many of them a worker has read (pending).",
     )
+    migrate = sub.add_parser(
+        "migrate",
+        parents=[deployment],
+        help="move a Redis store's threads to the current key layout (workers stopped)",
+        description="Move the threads under a prefix from the old Redis key layout "
+        f"(format 1: <prefix>:t:{{<id>}}:<part>) to format {LAYOUT_FORMAT} "
+        "(<prefix>:{pNNN}:t:<id>:<part>, under the partition's hash tag), then mark "
+        f"the prefix format {LAYOUT_FORMAT}. Stop every worker and client of the "
+        "deployment first: the command refuses while a worker is registered live. "
+        "Safe to run again, also after it was cut short. The prefix is the deployment's "
+        "(--prefix of threadline worker, default tl); a RedisSnapshotStore used on its "
+        "own, or threadline chat --db redis://..., uses the prefix threadline.",
+    )
+    migrate.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the partition count if the prefix has no deployment yet "
+        "(default 64; an existing deployment keeps its count)",
+    )
+    migrate.add_argument(
+        "--keep-old",
+        action="store_true",
+        help="keep the old keys (a later run without it deletes them)",
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="migrate although workers are registered live (only if they are gone "
+        "without deregistering: a running worker would write keys the move misses)",
+    )
+    migrate.add_argument(
+        "--cluster",
+        action="store_true",
+        help="--redis is a node of a Redis Cluster",
+    )
     inspect = sub.add_parser(
         "inspect",
         parents=[common],
@@ -484,6 +585,7 @@ def _parser() -> _Parser:
         "threads": threads,
         "worker": worker,
         "workers": workers,
+        "migrate": migrate,
     }
     return parser
 
