@@ -602,10 +602,10 @@ class Worker(Generic[S]):
                 why="lease not held: left pending for the partition's next owner",
             )
             return
+        await self._inbox.dead_letter(partition, entry.entry_id, reason, lease.token)
         self._log.warning(
             "message.dead_lettered", partition=partition, entry=entry.entry_id, reason=reason
         )
-        await self._inbox.dead_letter(partition, entry.entry_id, reason, lease.token)
 
     async def _publish(self, reply_key: str, payloads: list[bytes]) -> None:
         try:
