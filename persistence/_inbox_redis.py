@@ -22,7 +22,23 @@ after the turn that consumed it is over: nothing is trimmed unread, and what a
 dead owner had read stays pending for the next one, which learns from
 ``claim`` how many times each entry was delivered (poison detection).
 
-Every call is bounded by ``timeout`` seconds (plus a blocking read's own wait):
+The owner's writing calls (``claim``, ``read``, ``ack``, ``dead_letter``) are
+fenced: each is one script whose first line compares the partition's lease with
+the caller's token (``<prefix>:{pNNN}:lease``, same slot) and refuses with
+``FencedError`` before it changes anything. A worker that lost its lease
+(paused past the TTL, cut off) therefore cannot pull entries into its
+consumer's pending list after the new owner claimed: they would be stranded
+there until the partition moved again.
+
+Reading is a fenced, non-blocking ``XREADGROUP`` (Redis refuses ``BLOCK``
+inside a script) plus a doorbell: when the read finds nothing it answers the
+group's last-delivered id, and ``wait`` blocks on a plain ``XREAD BLOCK``
+(no group: it changes nothing) after that id. No wake-up is lost: an entry
+appended after the read has a larger id, so ``XREAD`` returns at once. There
+is no busy loop: entries read and not yet acknowledged have ids at or below
+the last-delivered id, so they do not wake it.
+
+Every call is bounded by ``timeout`` seconds (plus a blocking call's own wait):
 a Redis that does not answer (stopped, partitioned) raises
 ``StoreUnavailableError`` instead of hanging.
 """
@@ -30,17 +46,24 @@ a Redis that does not answer (stopped, partitioned) raises
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import anyio
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from threadline.actors import MailboxFullError, OverloadedError, StoreUnavailableError
+from threadline.actors import (
+    FencedError,
+    MailboxFullError,
+    OverloadedError,
+    StoreUnavailableError,
+)
 
-from ._leases import AnyRedis
+from ._leases import AnyRedis, fenced_script, is_fenced_reply
 from ._partitions import KeyLayout, PartitionKeys
 from ._redis_client import mapped
 
@@ -50,6 +73,11 @@ REPLY_TTL_MS: Final = 15 * 60 * 1000
 REPLY_MAXLEN: Final = 10_000
 DEFAULT_MAX_QUEUED: Final = 1000
 DEFAULT_TIMEOUT: Final = 10.0
+DEFAULT_WAIT_MS: Final = 5000
+"""How long ``wait`` blocks by default. A reader whose lease is lost is cancelled
+(and its next read is fenced), so this bounds nothing that matters for
+correctness: long, to keep an idle partition cheap."""
+_SOCKET_MARGIN_MS: Final = 1000
 
 # KEYS: inbox, idem, queued. ARGV: payload, idem ttl ms, max backlog, always ("1":
 # append even if the id was seen: the sender waits for a reply, and the consumer
@@ -74,19 +102,19 @@ redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
 return id
 """
 
-# Removes one entry (KEYS[1] inbox, KEYS[2] queued): XACK + XDEL, and its thread's
-# queued count goes down once (only if the entry was still in the stream).
+# Removes one entry of the inbox: XACK + XDEL, and its thread's queued count goes
+# down once (only if the entry was still in the stream).
 _FORGET_LUA: Final = """
-local function forget(id)
-  local entry = redis.call('XRANGE', KEYS[1], id, id)
-  local n = redis.call('XACK', KEYS[1], 'w', id)
+local function forget(inbox, queued, id)
+  local entry = redis.call('XRANGE', inbox, id, id)
+  local n = redis.call('XACK', inbox, 'w', id)
   if entry[1] then
-    redis.call('XDEL', KEYS[1], id)
+    redis.call('XDEL', inbox, id)
     local f = entry[1][2]
     for j = 1, #f, 2 do
       if f[j] == 't' then
-        if redis.call('HINCRBY', KEYS[2], f[j + 1], -1) <= 0 then
-          redis.call('HDEL', KEYS[2], f[j + 1])
+        if redis.call('HINCRBY', queued, f[j + 1], -1) <= 0 then
+          redis.call('HDEL', queued, f[j + 1])
         end
       end
     end
@@ -95,24 +123,25 @@ local function forget(id)
 end
 """
 
-# KEYS: inbox, queued. ARGV: entry ids. Acknowledged entries are deleted at once:
-# the stream holds only what some consumer still has to process.
-_ACK_LUA: Final = (
+# Fenced (KEYS[1] lease, ARGV[1] token). KEYS: lease, inbox, queued. ARGV: token,
+# then the entry ids. Acknowledged entries are deleted at once: the stream holds
+# only what some consumer still has to process.
+_ACK_LUA: Final = fenced_script(
     _FORGET_LUA
     + """
 local n = 0
-for i = 1, #ARGV do
-  n = n + forget(ARGV[i])
+for i = 2, #ARGV do
+  n = n + forget(KEYS[2], KEYS[3], ARGV[i])
 end
 return n
 """
 )
 
-# KEYS: inbox, queued, dlq. ARGV: entry id, reason.
-_DEAD_LETTER_LUA: Final = (
+# Fenced. KEYS: lease, inbox, queued, dlq. ARGV: token, entry id, reason.
+_DEAD_LETTER_LUA: Final = fenced_script(
     _FORGET_LUA
     + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+local entry = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
 local payload = ''
 if entry[1] then
   local f = entry[1][2]
@@ -120,28 +149,55 @@ if entry[1] then
     if f[j] == 'e' then payload = f[j + 1] end
   end
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', '100000', '*',
-  'entry', ARGV[1], 'e', payload, 'reason', ARGV[2])
-forget(ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100000', '*',
+  'entry', ARGV[2], 'e', payload, 'reason', ARGV[3])
+forget(KEYS[2], KEYS[3], ARGV[2])
 return 1
 """
 )
 
-# KEYS: inbox. ARGV: consumer, start id, count. XAUTOCLAIM (which counts a delivery
-# of each entry it claims), then each claimed entry's delivery count from XPENDING.
-# Returns {next start, entries, counts}.
-_CLAIM_LUA: Final = """
-local r = redis.call('XAUTOCLAIM', KEYS[1], 'w', ARGV[1], 0, ARGV[2], 'COUNT', ARGV[3])
+# Fenced. KEYS: lease, inbox. ARGV: token, consumer, start id, count. XAUTOCLAIM
+# (which counts a delivery of each entry it claims), then each claimed entry's
+# delivery count from XPENDING. Returns {next start, entries, counts}.
+_CLAIM_LUA: Final = fenced_script(
+    """
+local r = redis.call('XAUTOCLAIM', KEYS[2], 'w', ARGV[2], 0, ARGV[3], 'COUNT', ARGV[4])
 local entries, counts = {}, {}
 for _, e in ipairs(r[2]) do
   if type(e) == 'table' and type(e[2]) == 'table' then
-    local p = redis.call('XPENDING', KEYS[1], 'w', e[1], e[1], 1)
+    local p = redis.call('XPENDING', KEYS[2], 'w', e[1], e[1], 1)
     entries[#entries + 1] = e
     counts[#counts + 1] = p[1] and p[1][4] or 1
   end
 end
 return {r[1], entries, counts}
 """
+)
+
+# Fenced. KEYS: lease, inbox. ARGV: token, consumer, count. A non-blocking
+# XREADGROUP of new entries (BLOCK is refused inside a script). Returns {after,
+# entries}: after is the last entry's id, or, when there is none, the group's
+# last-delivered id: nothing in the stream is newer (XREADGROUP '>' would have
+# delivered it), so an XREAD BLOCK after it wakes on the next append and only then.
+_READ_LUA: Final = fenced_script(
+    """
+local r = redis.call('XREADGROUP', 'GROUP', 'w', ARGV[2], 'COUNT', ARGV[3],
+  'STREAMS', KEYS[2], '>')
+if r and r[1] and #r[1][2] > 0 then
+  local entries = r[1][2]
+  return {entries[#entries][1], entries}
+end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2])) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == 'w' then return {last, {}} end
+end
+return redis.error_reply('NOGROUP no consumer group w on ' .. KEYS[2])
+"""
+)
 
 # KEYS: reply stream. ARGV: ttl ms, maxlen, then the events' payloads.
 _PUBLISH_LUA: Final = """
@@ -156,6 +212,48 @@ return last
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _socket_timeout(client: AnyRedis) -> float | None:
+    """The read timeout (seconds) of ``client``'s connections; ``None``: none.
+
+    What the client was given, else its connection class's default (redis-py
+    8 reads for at most 5 s unless told otherwise).
+    """
+    if isinstance(client, RedisCluster):
+        kwargs: dict[str, Any] = dict(client.get_connection_kwargs())
+        connection_class: Any = kwargs.get("connection_class")
+    else:
+        kwargs = dict(client.connection_pool.connection_kwargs)
+        connection_class = client.connection_pool.connection_class
+    value = kwargs.get("socket_timeout", _default_socket_timeout(connection_class))
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _default_socket_timeout(connection_class: Any) -> Any:
+    """The ``socket_timeout`` default of the first ``__init__`` in the class's MRO that names it."""
+    for cls in getattr(connection_class, "__mro__", ()):
+        try:
+            parameters = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        if "socket_timeout" in parameters:
+            return parameters["socket_timeout"].default
+    return None
+
+
+@contextlib.contextmanager
+def _fenced(what: str, partition: int, token: str) -> Iterator[None]:
+    """A ``FENCED`` reply (the script's lease check failed) becomes ``FencedError``."""
+    try:
+        yield
+    except ResponseError as exc:
+        if is_fenced_reply(exc):
+            raise FencedError(
+                f"partition {partition}: {what} refused, the lease is no longer held by "
+                f"{token!r} (it expired or another worker took the partition over)"
+            ) from exc
+        raise
 
 
 def _fields(raw: Any) -> dict[bytes, bytes]:
@@ -180,6 +278,20 @@ class StreamEntry(msgspec.Struct, frozen=True):
     payload: bytes
     deliveries: int = 1
     thread_id: str = ""
+
+
+class InboxRead(msgspec.Struct, frozen=True):
+    """What one fenced read of a partition inbox found.
+
+    ``entries``: the new entries, now pending for the reader's consumer, in
+    stream order (at most the read's ``count``). ``after``: the id to pass to
+    :meth:`RedisInbox.wait` when ``entries`` is empty (the group's
+    last-delivered id; the last entry's id otherwise): nothing in the stream
+    is newer, so the wait returns on the next append, and not before.
+    """
+
+    entries: list[StreamEntry]
+    after: str
 
 
 class RedisInbox:
@@ -213,7 +325,16 @@ class RedisInbox:
         self._ack: AsyncScript = client.register_script(_ACK_LUA)
         self._dead_letter: AsyncScript = client.register_script(_DEAD_LETTER_LUA)
         self._claim: AsyncScript = client.register_script(_CLAIM_LUA)
+        self._read: AsyncScript = client.register_script(_READ_LUA)
         self._publish: AsyncScript = client.register_script(_PUBLISH_LUA)
+        reads_for = _socket_timeout(client)
+        self.max_wait_ms: int | None = (
+            None
+            if reads_for is None
+            else max(int(reads_for * 1000) - _SOCKET_MARGIN_MS, int(reads_for * 500), 1)
+        )
+        """The longest ``wait`` blocks: below the client's socket timeout, which
+        would otherwise cut a quiet wait as if Redis had stopped answering."""
 
     def keys(self, partition: int) -> PartitionKeys:
         return self.layout.partition(partition)
@@ -224,15 +345,22 @@ class RedisInbox:
         return f"{keys.base}:queued"
 
     @contextlib.contextmanager
-    def _bounded(self, what: str, wait: float = 0.0) -> Iterator[None]:
-        """``mapped``, and no answer within ``timeout`` (+ ``wait``) is unavailable too."""
+    def _bounded(
+        self, what: str, wait: float = 0.0, *, fence: tuple[int, str] | None = None
+    ) -> Iterator[None]:
+        """``mapped``, and no answer within ``timeout`` (+ ``wait``) is unavailable too.
+
+        With ``fence`` (partition, token), a ``FENCED`` reply of a fenced script
+        raises ``FencedError`` instead.
+        """
+        fenced = _fenced(what, *fence) if fence is not None else contextlib.nullcontext()
         if self.timeout is None:
-            with mapped(what):
+            with mapped(what), fenced:
                 yield
             return
         limit = self.timeout + wait
         try:
-            with anyio.fail_after(limit), mapped(what):
+            with anyio.fail_after(limit), mapped(what), fenced:
                 yield
         except TimeoutError as exc:  # fail_after's: the call was cancelled
             raise StoreUnavailableError(f"redis {what}: no answer within {limit:g} s") from exc
@@ -295,16 +423,24 @@ class RedisInbox:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def claim(self, partition: int, consumer: str) -> list[StreamEntry]:
+    async def claim(self, partition: int, consumer: str, token: str) -> list[StreamEntry]:
         """Every entry read but not acknowledged (by a previous owner, or by us),
         moved to ``consumer``, in stream order, each with its delivery count
-        (this claim included)."""
-        inbox = self.keys(partition).inbox
+        (this claim included).
+
+        Fenced by the lease ``token``: ``FencedError`` when the partition's lease
+        holds another token or none (nothing moved by that call; a claim
+        fenced halfway keeps what its earlier pages moved, which the next
+        owner claims in turn).
+        """
+        keys = self.keys(partition)
         entries: list[StreamEntry] = []
         start = "0-0"
         while True:
-            with self._bounded("inbox claim"):
-                reply: Any = await self._claim(keys=[inbox], args=[consumer, start, 100])
+            with self._bounded("inbox claim", fence=(partition, token)):
+                reply: Any = await self._claim(
+                    keys=[keys.lease, keys.inbox], args=[token, consumer, start, 100]
+                )
             start = _text(reply[0])
             for (entry_id, raw), count in zip(reply[1], reply[2], strict=True):
                 fields = _fields(raw)
@@ -320,41 +456,73 @@ class RedisInbox:
                 return entries
 
     async def read(
-        self, partition: int, consumer: str, *, count: int = 100, block_ms: int = 500
-    ) -> list[StreamEntry]:
-        """New entries for ``consumer`` (waits up to ``block_ms`` for one)."""
-        inbox = self.keys(partition).inbox
-        with self._bounded("inbox read", block_ms / 1000):
-            reply: Any = await self._client.xreadgroup(
-                GROUP, consumer, {inbox: ">"}, count=count, block=block_ms
+        self, partition: int, consumer: str, token: str, *, count: int = 100
+    ) -> InboxRead:
+        """New entries for ``consumer`` (at most ``count``), without waiting.
+
+        Fenced by the lease ``token`` (``FencedError``, nothing read). When it
+        finds nothing, ``wait`` after the answer's ``after`` id blocks until
+        there is something to read.
+        """
+        keys = self.keys(partition)
+        with self._bounded("inbox read", fence=(partition, token)):
+            reply: Any = await self._read(
+                keys=[keys.lease, keys.inbox], args=[token, consumer, count]
             )
-        if not reply:
-            return []
-        return self._entries(reply[0][1])
+        return InboxRead(self._entries(reply[1]), _text(reply[0]))
+
+    async def wait(self, partition: int, after_id: str, *, block_ms: int = DEFAULT_WAIT_MS) -> bool:
+        """Wait until the inbox holds an entry newer than ``after_id``, or ``block_ms``.
+
+        Whether there is one. A plain ``XREAD BLOCK`` (no group): it reads
+        nothing on the group's behalf and changes nothing, so it needs no
+        fence. It blocks at most ``max_wait_ms`` (a second below the client's
+        socket timeout, which would otherwise end a quiet wait as a failure);
+        the call is bounded by ``timeout`` + the block.
+        """
+        if isinstance(block_ms, bool) or not isinstance(block_ms, int) or block_ms < 1:
+            raise ValueError(f"block_ms must be a positive int, got {block_ms!r}")
+        if self.max_wait_ms is not None:
+            block_ms = min(block_ms, self.max_wait_ms)
+        inbox = self.keys(partition).inbox
+        with self._bounded("inbox wait", block_ms / 1000):
+            reply: Any = await self._client.xread({inbox: after_id}, count=1, block=block_ms)
+        return bool(reply)
 
     @staticmethod
     def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
         out = []
         for entry_id, fields in raw:
-            if fields is None:  # deleted while pending
+            if not fields:  # deleted while pending
                 continue
             f = _fields(fields)
             out.append(StreamEntry(_text(entry_id), f.get(b"e", b""), 1, _text(f.get(b"t", b""))))
         return out
 
-    async def ack(self, partition: int, entry_ids: Sequence[str]) -> None:
-        """Done with these entries: acknowledged, deleted, their threads' counts down."""
+    async def ack(self, partition: int, entry_ids: Sequence[str], token: str) -> None:
+        """Done with these entries: acknowledged, deleted, their threads' counts down.
+
+        Fenced by the lease ``token`` (``FencedError``, nothing acknowledged:
+        the entries stay pending for the partition's next owner).
+        """
         if entry_ids:
             keys = self.keys(partition)
-            with self._bounded("inbox ack"):
-                await self._ack(keys=[keys.inbox, self.queued_key(keys)], args=list(entry_ids))
+            with self._bounded("inbox ack", fence=(partition, token)):
+                await self._ack(
+                    keys=[keys.lease, keys.inbox, self.queued_key(keys)],
+                    args=[token, *entry_ids],
+                )
 
-    async def dead_letter(self, partition: int, entry_id: str, reason: str) -> None:
-        """Move an entry to the partition's dead letters, with ``reason`` (and ack it)."""
+    async def dead_letter(self, partition: int, entry_id: str, reason: str, token: str) -> None:
+        """Move an entry to the partition's dead letters, with ``reason`` (and ack it).
+
+        Fenced by the lease ``token`` (``FencedError``, nothing moved).
+        """
         keys = self.keys(partition)
-        with self._bounded("inbox dead-letter"):
+        with self._bounded("inbox dead-letter", fence=(partition, token)):
             await self._dead_letter(
-                keys=[keys.inbox, self.queued_key(keys), keys.dlq], args=[entry_id, reason[:2000]]
+                keys=[keys.lease, keys.inbox, self.queued_key(keys), keys.dlq],
+                args=[token, entry_id, reason[:2000]],
             )
 
     async def dead_letters(self, partition: int) -> list[tuple[str, bytes, str]]:

@@ -405,16 +405,46 @@ class Worker(Generic[S]):
     # -- the inbox of one partition ---------------------------------------------------
 
     async def _read(self, partition: int, lease: Lease) -> None:
+        """Feed the partition's inbox to its threads while the lease is held.
+
+        Every read is fenced by the lease's token: a worker that lost the
+        lease (paused past the TTL, cut off) cannot pull entries into its
+        pending list behind the new owner's back. When a read finds nothing it
+        blocks on the inbox's doorbell (``wait``: a plain ``XREAD BLOCK``, no
+        polling) until an entry comes; the tick cancels it when the lease is
+        lost or the partition moves.
+        """
         with anyio.CancelScope() as scope:
             self._readers[partition] = scope
             try:
                 await self._reads.ensure_group(partition)
                 # What a previous owner read and did not acknowledge comes first.
-                for entry in await self._reads.claim(partition, self.worker_id):
+                for entry in await self._reads.claim(partition, self.worker_id, lease.token):
                     await self._dispatch(partition, entry)
                 while self._leases.get(partition) is not None:
-                    for entry in await self._reads.read(partition, self.worker_id):
+                    batch = await self._reads.read(partition, self.worker_id, lease.token)
+                    for entry in batch.entries:
                         await self._dispatch(partition, entry)
+                    # Nothing new: wait for the next append. A quiet wait changes
+                    # nothing, so waiting again needs no fenced read in between.
+                    while not batch.entries and self._leases.get(partition) is not None:
+                        if await self._reads.wait(partition, batch.after):
+                            break
+            except FencedError as exc:
+                # The lease is gone (expired, or another worker took the partition):
+                # nothing was read into our pending list. Stop reading; the tick
+                # acquires the partition again if the placement still says so.
+                if self._readers.get(partition) is scope:
+                    del self._readers[partition]
+                current = self._leases.get(partition)
+                if (
+                    current is not None
+                    and current.epoch == lease.epoch
+                    and partition not in self._handing_off
+                ):
+                    self._lost(partition, f"inbox fenced: {exc}")
+                else:
+                    self._log.warning("inbox.fenced", partition=partition, error=str(exc))
             except PersistenceError as exc:
                 self._log.warning("inbox.read_failed", partition=partition, error=str(exc))
                 # Hand the partition back: the tick acquires it again (a new
@@ -560,10 +590,22 @@ class Worker(Generic[S]):
         return msgspec.structs.replace(envelope, update=update, context=context)
 
     async def _dead_letter(self, partition: int, entry: StreamEntry, reason: str) -> None:
+        """Dead-letter ``entry`` under the partition's lease (``FencedError`` if it is
+        lost meanwhile); without the lease, leave it pending for the next owner."""
+        lease = self._leases.get(partition)
+        if lease is None:
+            self._log.warning(
+                "message.dead_letter_skipped",
+                partition=partition,
+                entry=entry.entry_id,
+                reason=reason,
+                why="lease not held: left pending for the partition's next owner",
+            )
+            return
+        await self._inbox.dead_letter(partition, entry.entry_id, reason, lease.token)
         self._log.warning(
             "message.dead_lettered", partition=partition, entry=entry.entry_id, reason=reason
         )
-        await self._inbox.dead_letter(partition, entry.entry_id, reason)
 
     async def _publish(self, reply_key: str, payloads: list[bytes]) -> None:
         try:
@@ -572,8 +614,24 @@ class Worker(Generic[S]):
             self._log.warning("reply.publish_failed", key=reply_key, error=str(exc))
 
     async def _ack(self, partition: int, entry_ids: list[str]) -> None:
+        # Without the lease (lost, or handed back), or fenced: the entries stay
+        # pending, the partition's next owner redelivers them and their threads
+        # answer them as duplicates.
+        lease = self._leases.get(partition)
+        if lease is None:
+            self._log.warning(
+                "inbox.ack_skipped",
+                partition=partition,
+                entries=len(entry_ids),
+                why="lease not held: left pending for the partition's next owner",
+            )
+            return
         try:
-            await self._inbox.ack(partition, entry_ids)
+            await self._inbox.ack(partition, entry_ids, lease.token)
+        except FencedError as exc:
+            self._log.warning(
+                "inbox.ack_fenced", partition=partition, entries=len(entry_ids), error=str(exc)
+            )
         except PersistenceError as exc:
             # Pending still: redelivered later, answered as a duplicate.
             self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))

@@ -30,6 +30,7 @@ from threadline import (
     AgentState,
     AIMessage,
     Client,
+    FencedError,
     HumanMessage,
     MailboxFullError,
     ModelRequest,
@@ -45,6 +46,7 @@ from threadline.actors import Envelope, InvalidUpdateError
 from threadline.persistence import (
     DEFAULT_PARTITIONS,
     KeyLayout,
+    PartitionLeases,
     RedisInbox,
     deployment_layout,
     encode_envelope,
@@ -93,6 +95,13 @@ async def raw_inbox(url: str, prefix: str, **options: Any) -> AsyncIterator[Redi
         yield RedisInbox(client, KeyLayout(prefix=prefix, partitions=PARTITIONS), **options)
 
 
+async def lease_token(inbox: RedisInbox, partition: int, worker: str) -> str:
+    """The token of a fresh lease of ``partition`` for ``worker`` (what fences the inbox)."""
+    lease = await PartitionLeases(inbox._client, layout=inbox.layout).acquire(partition, worker)
+    assert lease is not None
+    return lease.token
+
+
 async def create_deployment(url: str, prefix: str) -> None:
     async with open_redis(url, "test") as client:
         await deployment_layout(client, prefix, PARTITIONS)
@@ -122,18 +131,19 @@ async def test_per_thread_queue_cap_refuses_without_appending(
         assert await inbox.queued(other) == 1
         # Acknowledging (and dead-lettering) makes room, once per entry.
         await inbox.ensure_group(partition)
-        read = await inbox.read(partition, "c", block_ms=10)
+        token = await lease_token(inbox, partition, "c")
+        read = (await inbox.read(partition, "c", token)).entries
         assert [e.thread_id for e in read] == ["hot", "hot", "hot", other]
-        await inbox.ack(partition, [ids[0], ids[0]])
+        await inbox.ack(partition, [ids[0], ids[0]], token)
         assert await inbox.queued("hot") == 2
-        await inbox.dead_letter(partition, ids[1], "test")
-        await inbox.dead_letter(partition, ids[1], "test again")  # gone: counts nothing
+        await inbox.dead_letter(partition, ids[1], "test", token)
+        await inbox.dead_letter(partition, ids[1], "test again", token)  # gone: counts nothing
         assert await inbox.queued("hot") == 1
         await inbox.enqueue("hot", "m3", b"x")
         await inbox.enqueue("hot", "m4", b"x")
         with pytest.raises(MailboxFullError):
             await inbox.enqueue("hot", "m5", b"x")
-        await inbox.ack(partition, [e.entry_id for e in read] + [ids[2]])
+        await inbox.ack(partition, [e.entry_id for e in read] + [ids[2]], token)
         assert await inbox.queued(other) == 0
         raw = inbox._client
         assert not await raw.hexists(inbox.queued_key(inbox.keys(partition)), other)
@@ -531,17 +541,28 @@ async def test_f13_inbox_and_reply_scripts_on_a_cluster(
     client = cluster_client
     layout = KeyLayout(prefix=redis_prefix, partitions=DEFAULT_PARTITIONS)
     inbox = RedisInbox(client, layout, max_queued=2)
+    # A wait blocks less than the cluster client's socket timeout.
+    assert inbox.max_wait_ms is not None
+    assert inbox.max_wait_ms < 1000 * client.get_connection_kwargs()["socket_timeout"]
     per_node: dict[str, int] = {}
     for p in range(layout.partitions):
         node = client.get_node_from_key(layout.partition(p).inbox)
         assert node is not None
         per_node.setdefault(node.name, p)
     assert len(per_node) == 3
+    leases = PartitionLeases(client, layout=layout)
     for partition in per_node.values():
         keys = layout.partition(partition)
         thread = thread_in(layout, partition, "t{x}")
         reply = keys.reply("run{1}")
-        script_keys = [keys.inbox, keys.idem("m{1}"), inbox.queued_key(keys), keys.dlq, reply]
+        script_keys = [
+            keys.lease,
+            keys.inbox,
+            keys.idem("m{1}"),
+            inbox.queued_key(keys),
+            keys.dlq,
+            reply,
+        ]
         slots = {await client.cluster_keyslot(key) for key in script_keys}
         assert len(slots) == 1, (partition, slots)
         first = await inbox.enqueue(thread, "m{1}", b"one")
@@ -551,16 +572,36 @@ async def test_f13_inbox_and_reply_scripts_on_a_cluster(
             await inbox.enqueue(thread, "m3", b"three")
         await inbox.ensure_group(partition)
         await inbox.ensure_group(partition)  # BUSYGROUP is fine
-        read = await inbox.read(partition, "w1", block_ms=10)
-        assert [e.payload for e in read] == [b"one", b"two"]
-        claimed = await inbox.claim(partition, "w2")
+        lease1 = await leases.acquire(partition, "w1")
+        assert lease1 is not None
+        assert await inbox.claim(partition, "w1", lease1.token) == []
+        read = await inbox.read(partition, "w1", lease1.token)
+        assert [e.payload for e in read.entries] == [b"one", b"two"]
+        assert read.after == read.entries[-1].entry_id
+        empty = await inbox.read(partition, "w1", lease1.token)  # the XINFO GROUPS branch
+        assert empty.entries == [] and empty.after == read.after
+        assert await inbox.wait(partition, empty.after, block_ms=10) is False
+        assert await inbox.wait(partition, "0-0", block_ms=10) is True
+        # The partition moves to w2: w1's token is refused by every fenced script.
+        assert await leases.release(lease1)
+        lease2 = await leases.acquire(partition, "w2")
+        assert lease2 is not None
+        with pytest.raises(FencedError, match=f"partition {partition}: inbox read refused"):
+            await inbox.read(partition, "w1", lease1.token)
+        with pytest.raises(FencedError, match=f"partition {partition}: inbox claim refused"):
+            await inbox.claim(partition, "w1", lease1.token)
+        with pytest.raises(FencedError):
+            await inbox.ack(partition, [read.entries[0].entry_id], lease1.token)
+        with pytest.raises(FencedError):
+            await inbox.dead_letter(partition, read.entries[0].entry_id, "x", lease1.token)
+        claimed = await inbox.claim(partition, "w2", lease2.token)
         assert [(e.payload, e.deliveries, e.thread_id) for e in claimed] == [
             (b"one", 2, thread),
             (b"two", 2, thread),
         ]
         assert await inbox.pending(partition) == 2
-        await inbox.dead_letter(partition, claimed[0].entry_id, "test")
-        await inbox.ack(partition, [claimed[1].entry_id])
+        await inbox.dead_letter(partition, claimed[0].entry_id, "test", lease2.token)
+        await inbox.ack(partition, [claimed[1].entry_id], lease2.token)
         assert await inbox.backlog(partition) == 0 and await inbox.queued(thread) == 0
         assert [(p, r) for _, p, r in await inbox.dead_letters(partition)] == [(b"one", "test")]
         await inbox.publish(reply, [b"e1", b"e2"])
