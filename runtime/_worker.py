@@ -75,7 +75,9 @@ Outbound = tuple[str, str, int, str, bytes]
 payload)`` appends a reply event; ``("ack", "", partition, entry id, b"")``
 acknowledges an inbox entry; ``("redeliver", "", partition, entry id, b"")``
 hands the partition back (its entry was left pending): acquired again, its
-pending entries are claimed and dispatched again, in stream order."""
+pending entries are claimed and dispatched again, in stream order;
+``("flush", key, 0, "", b"")`` sets the event ``_flushes[key]`` once what was
+queued before it is done (a lease is released only after its acks went out)."""
 
 
 class InboxReply(Reply):
@@ -188,6 +190,7 @@ class Worker(Generic[S]):
         self._readers: dict[int, anyio.CancelScope] = {}
         self._stalled: set[str] = set()
         self._handing_off: set[int] = set()
+        self._flushes: dict[str, anyio.Event] = {}  # flush key -> set once done
         self._keeping: anyio.CancelScope | None = None
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
@@ -264,6 +267,7 @@ class Worker(Generic[S]):
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             for scope in self._readers.values():
                 scope.cancel()
+            await self._flush_outbound()
             for lease in list(self._leases.values()):
                 with contextlib.suppress(PersistenceError):
                     await self._lease_table.release(lease)
@@ -394,6 +398,7 @@ class Worker(Generic[S]):
                 for end in ends:
                     with contextlib.suppress(ThreadlineError):
                         await end.wait()
+            await self._flush_outbound()
             lease = self._leases.pop(partition, None)
             if lease is not None:
                 with contextlib.suppress(PersistenceError):
@@ -636,6 +641,17 @@ class Worker(Generic[S]):
             # Pending still: redelivered later, answered as a duplicate.
             self._log.warning("inbox.ack_failed", partition=partition, error=str(exc))
 
+    async def _flush_outbound(self) -> None:
+        """Wait until what is queued for the outbound task now (acks included) is done."""
+        done = anyio.Event()
+        key = new_id()
+        self._flushes[key] = done
+        try:
+            self._outbound_queue.send_nowait(("flush", key, 0, "", b""))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return
+        await done.wait()
+
     async def _outbound(self, receive: MemoryObjectReceiveStream[Outbound]) -> None:
         """Append reply events and acknowledge entries, in the order they came.
 
@@ -654,11 +670,14 @@ class Worker(Generic[S]):
                 events: dict[str, list[bytes]] = {}
                 acks: dict[int, list[str]] = {}
                 redeliver: set[int] = set()
+                flushed: list[str] = []
                 for kind, key, partition, entry_id, payload in batch:
                     if kind == "event":
                         events.setdefault(key, []).append(payload)
                     elif kind == "ack":
                         acks.setdefault(partition, []).append(entry_id)
+                    elif kind == "flush":
+                        flushed.append(key)
                     else:
                         redeliver.add(partition)
                 # Each call waits for an fsync: the batch's calls go out together
@@ -669,6 +688,8 @@ class Worker(Generic[S]):
                 async with anyio.create_task_group() as tg:
                     for partition, entry_ids in acks.items():
                         tg.start_soon(self._ack, partition, entry_ids)
+                for key in flushed:
+                    self._flushes.pop(key).set()
                 for partition in sorted(redeliver):
                     # Left pending while the partition is ours, an entry would wait
                     # for the partition's next owner: be that owner, from the claim.
