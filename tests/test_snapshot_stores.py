@@ -1,9 +1,11 @@
-"""One conformance suite for every SnapshotStore (memory, sqlite, redis).
+"""One conformance suite for every SnapshotStore (memory, sqlite, redis, and
+redis on a 3-node Redis Cluster).
 
 ``MemorySnapshotStore`` is the reference; the durable stores must behave the
-same, also when they group concurrent commits into one transaction/pipeline.
-Tests that need "a second process" open a second store object on the same
-file / server / key prefix (the memory store can only share its instance).
+same, also when they group concurrent commits into one transaction/pipeline
+(one per node on a cluster). Tests that need "a second process" open a second
+store object on the same file / server / key prefix (the memory store can
+only share its instance).
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from threadline.persistence import (
 from threadline.persistence._batch import GroupCommitter
 from threadline.persistence._partitions import partition_tag
 
+from .conftest import CLUSTER_KIND, STORE_KINDS, start_backend, store_kind_params
+
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=store_kind_params(*STORE_KINDS, CLUSTER_KIND))
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """conftest's kinds, and a Redis store on the 3-node cluster."""
+    return start_backend(request, str(request.param))
+
 
 OpenStore = Callable[..., SnapshotStore]
 
