@@ -226,10 +226,13 @@ return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps, 
 
 _INDEX_CHUNK: Final = 1000
 _MAX_INDEX: Final = 1 << 62
-_CLUSTER_ROUNDS: Final = 6
-"""Sends of one cluster request that a node refused without running it (moved,
-migrating, script cache lost) before it fails as not written."""
-_TRYAGAIN_PAUSE: Final = 0.05
+_CLUSTER_ROUNDS: Final = 10
+"""Sends of one cluster request that nodes refused without running it (moved,
+being migrated, script cache lost) before it fails as not written."""
+_TRYAGAIN_PAUSE: Final = 0.02
+_TRYAGAIN_PAUSE_MAX: Final = 0.32
+"""Pauses before sending again what a node answered ``TRYAGAIN``: doubling,
+at most this long (about 1.5 s in all before a request fails)."""
 
 
 def _epoch(r: AcquireRequest, reply: Any, partition: int) -> object:
@@ -818,13 +821,15 @@ class RedisSnapshotStore(Reentrant):
         nodes in parallel. One reply per call, in order: the script's, or an
         exception (a redis error, or ``StoreUnavailableError``).
 
-        A call the node refused without running it is sent again: after
-        ``MOVED`` to the slot's new owner (the cluster client's slot map is
-        refreshed), after ``ASK`` to the migration's target (``ASKING``
-        first), after ``TRYAGAIN`` (a migration of the slot's keys under way)
-        after a pause, after ``NOSCRIPT`` once the script is loaded on every
-        primary. A call whose reply was lost (the connection failed) is not
-        sent again: a commit applied twice would answer ``ConflictError``.
+        A call the node refused without running it is sent again, at most
+        ``_CLUSTER_ROUNDS`` times in all: after ``MOVED`` to the slot's new
+        owner (the cluster client's slot map is refreshed), after ``ASK`` to
+        the migration's target (with ``ASKING``), after ``TRYAGAIN`` (the
+        slot is being migrated and the thread's keys are not all on one side
+        yet) after a growing pause, after ``NOSCRIPT`` once the script is
+        loaded on every primary. A call whose reply was lost (the connection
+        failed) is never sent again: a commit applied twice would answer
+        ``ConflictError``.
         """
         replies: list[Any] = [None] * len(calls)
         if self._refresh_slots:
@@ -832,7 +837,8 @@ class RedisSnapshotStore(Reentrant):
             await self._reload_slots(client)
         todo = list(range(len(calls)))
         asking: dict[int, ClusterNode] = {}
-        for _ in range(_CLUSTER_ROUNDS):
+        pause = _TRYAGAIN_PAUSE
+        for round_ in range(1, _CLUSTER_ROUNDS + 1):
             by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
             for i in todo:
                 node = asking.get(i) or self._node_of(client, calls[i].keys[0])
@@ -844,44 +850,61 @@ class RedisSnapshotStore(Reentrant):
                 for node, indices in by_node.values():
                     tg.start_soon(self._node_pipeline, node, indices, calls, replies, asking)
             todo = [i for i in todo if _not_run(replies[i])]
-            if not todo:
-                return replies
-            asking = {}
-            reload_slots = pause = False
-            scripts: dict[str, AsyncScript] = {}
-            for i in todo:
-                reply = replies[i]
-                if isinstance(reply, MovedError):
-                    reload_slots = True
-                elif isinstance(reply, AskError):
-                    target = client.get_node(host=reply.host, port=reply.port)
-                    if target is None:
-                        reload_slots = True
-                    else:
-                        asking[i] = target
-                elif isinstance(reply, TryAgainError):
-                    pause = True
-                else:
-                    scripts[str(calls[i].script.sha)] = calls[i].script
-            if reload_slots:
-                await self._reload_slots(client)
-            for script in scripts.values():
-                try:  # SCRIPT LOAD goes to every primary
-                    script.sha = await client.script_load(script.script)
-                except (RedisError, RedisClusterException, OSError) as exc:
-                    for i in todo:
-                        if calls[i].script is script:
-                            replies[i] = exc
-                    todo = [i for i in todo if calls[i].script is not script]
-            if pause:
-                await anyio.sleep(_TRYAGAIN_PAUSE)
+            if not todo or round_ == _CLUSTER_ROUNDS:
+                break
+            todo = await self._before_resending(client, calls, replies, todo, asking)
+            if any(isinstance(replies[i], TryAgainError) for i in todo):
+                await anyio.sleep(pause)
+                pause = min(2 * pause, _TRYAGAIN_PAUSE_MAX)
         for i in todo:
             replies[i] = unavailable(
                 f"not written: the cluster refused it {_CLUSTER_ROUNDS} times "
-                f"(its slot is moving?): {replies[i]}",
+                f"(its slot is being migrated?): {replies[i]}",
                 replies[i],
             )
         return replies
+
+    async def _before_resending(
+        self,
+        client: RedisCluster,
+        calls: Sequence[_Call],
+        replies: list[Any],
+        todo: list[int],
+        asking: dict[int, ClusterNode],
+    ) -> list[int]:
+        """Learn from the refusals of ``todo``: where each goes next (``asking``
+        is rewritten: the calls to send with ``ASKING``, and to which node),
+        the slot map, the scripts. Returns the calls to send again."""
+        reload_slots = False
+        scripts: dict[str, AsyncScript] = {}
+        previous = dict(asking)
+        asking.clear()
+        for i in todo:
+            reply = replies[i]
+            if isinstance(reply, MovedError):
+                reload_slots = True
+            elif isinstance(reply, AskError):
+                target = client.get_node(host=reply.host, port=reply.port)
+                if target is None:
+                    reload_slots = True
+                else:
+                    asking[i] = target
+            elif isinstance(reply, TryAgainError):
+                if i in previous:  # the migration's target: ask it again
+                    asking[i] = previous[i]
+            else:  # NOSCRIPT
+                scripts[str(calls[i].script.sha)] = calls[i].script
+        if reload_slots:
+            await self._reload_slots(client)
+        for script in scripts.values():
+            try:  # SCRIPT LOAD goes to every primary
+                script.sha = await client.script_load(script.script)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                for i in todo:
+                    if calls[i].script is script:
+                        replies[i] = exc
+                todo = [i for i in todo if calls[i].script is not script]
+        return todo
 
     @staticmethod
     def _node_of(client: RedisCluster, key: str) -> ClusterNode | Exception:
