@@ -357,7 +357,8 @@ class RedisSnapshotStore(Reentrant):
         """A store on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
         ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
-        client and closes it on exit.
+        client and closes it on exit. For a Redis Cluster, pass a
+        ``RedisCluster`` client to the constructor instead.
         """
         client = client_from_url(url, "RedisSnapshotStore", **kwargs)
         store = cls(client, prefix=prefix, max_batch=max_batch)
