@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from threadline.actors import StoreUnavailableError
 
@@ -20,6 +21,8 @@ __all__ = [
     "store_client",
 ]
 
+C = TypeVar("C", bound=redis.asyncio.Redis | RedisCluster)
+
 _SCHEMES: Final = ("redis", "rediss", "unix")
 _CLOSE_TIMEOUT: Final = 10.0
 
@@ -30,16 +33,19 @@ def check_prefix(prefix: str) -> None:
         raise ValueError(f"prefix must not contain braces, got {prefix!r}")
 
 
-def store_client(
-    client: redis.asyncio.Redis | None, store: str, default: Callable[[], redis.asyncio.Redis]
-) -> tuple[redis.asyncio.Redis, bool]:
+def store_client(client: C | None, store: str, default: Callable[[], C]) -> tuple[C, bool]:
     """The client ``store`` uses and whether it owns it (it does when it made it).
 
-    A client passed in must not decode responses (the stores read bytes).
+    A client passed in (standalone or Cluster) must not decode responses (the
+    stores read bytes).
     """
     if client is None:
         return default(), True
-    if client.connection_pool.connection_kwargs.get("decode_responses"):
+    if isinstance(client, RedisCluster):
+        decodes = client.get_encoder().decode_responses
+    else:
+        decodes = client.connection_pool.connection_kwargs.get("decode_responses")
+    if decodes:
         raise ValueError(f"{store} needs a client with decode_responses=False")
     return client, False
 
@@ -65,7 +71,7 @@ def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
-async def close_client(client: redis.asyncio.Redis) -> None:
+async def close_client(client: redis.asyncio.Redis | RedisCluster) -> None:
     """Close a client the store owns: shielded, bounded, never raising."""
     with (
         anyio.CancelScope(shield=True),
@@ -77,8 +83,12 @@ async def close_client(client: redis.asyncio.Redis) -> None:
 
 @contextlib.contextmanager
 def mapped(what: str) -> Iterator[None]:
-    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``."""
+    """Turn every redis-py (and socket) failure into ``StoreUnavailableError``.
+
+    A Cluster client's own errors (no node serves a slot, the cluster cannot
+    be reached) are ``RedisClusterException``, which is not a ``RedisError``.
+    """
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise StoreUnavailableError(f"redis {what} failed: {exc}") from exc

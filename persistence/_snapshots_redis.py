@@ -32,6 +32,17 @@ consumed. The thread index is maintained outside the scripts and is a superset
 of the threads with steps or inbox entries: ``threads()`` filters it by head
 version, ``recoverable_threads()`` by turn and inbox length.
 
+On a Redis Cluster (a ``RedisCluster`` client) a batch is one pipeline per
+node that owns some of its slots, the nodes in parallel, on the cluster
+client's own node connections (redis-py's cluster pipeline refuses
+``EVALSHA``). A request the node did not run (``MOVED``, ``ASK``,
+``TRYAGAIN``, ``NOSCRIPT``) is sent again, to the new owner, a few rounds at
+most; one whose reply was lost is never sent again (its outcome is unknown,
+as on a standalone client that does not retry). The index and the
+deployment config (untagged) live on whichever node owns their slot; the
+index is written after the scripts' replies (one ``SADD`` per batch), since
+on another node a pipeline cannot order it after them.
+
 Durability is the server's: run Redis with ``appendonly yes`` and
 ``appendfsync always`` for a commit to be on disk when ``commit`` returns.
 """
@@ -40,12 +51,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Self
+from typing import Any, Final, NamedTuple, Self
 
+import anyio
 import msgspec
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from threadline.actors import (
     ConflictError,
@@ -57,6 +79,7 @@ from threadline.actors import (
 
 from ._batch import GroupCommitter, unavailable
 from ._deployment import deployment_layout
+from ._leases import AnyRedis
 from ._lifecycle import ExcInfo, Reentrant
 from ._partitions import KeyLayout
 from ._redis_client import check_prefix, client_from_url, close_client, mapped, store_client
@@ -203,6 +226,13 @@ return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps, 
 
 _INDEX_CHUNK: Final = 1000
 _MAX_INDEX: Final = 1 << 62
+_CLUSTER_ROUNDS: Final = 10
+"""Sends of one cluster request that nodes refused without running it (moved,
+being migrated, script cache lost) before it fails as not written."""
+_TRYAGAIN_PAUSE: Final = 0.02
+_TRYAGAIN_PAUSE_MAX: Final = 0.32
+"""Pauses before sending again what a node answered ``TRYAGAIN``: doubling,
+at most this long (about 1.5 s in all before a request fails)."""
 
 
 def _epoch(r: AcquireRequest, reply: Any, partition: int) -> object:
@@ -233,6 +263,28 @@ def _as_str(value: bytes | str) -> str:
 
 
 _Request = CommitRequest | AcquireRequest | EnqueueRequest
+
+
+class _Call(NamedTuple):
+    """One script call for the cluster path; all its keys are in one slot."""
+
+    script: AsyncScript
+    keys: tuple[str, ...]
+    args: tuple[bytes | int | str, ...]
+
+
+def _indexes(r: _Request) -> bool:
+    """Whether the request may make a thread the index has to list."""
+    return isinstance(r, EnqueueRequest) or (
+        isinstance(r, CommitRequest) and r.expected_version == 0
+    )
+
+
+def _not_run(reply: object) -> bool:
+    """Whether a node refused the call without running the script."""
+    return isinstance(reply, AskError | TryAgainError | NoScriptError)  # MovedError is an AskError
+
+
 _dead_encoder = msgspec.msgpack.Encoder()
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -256,11 +308,17 @@ class RedisSnapshotStore(Reentrant):
     reports ``ConflictError`` although it was applied. Clients made by
     :meth:`from_url` do not retry (redis-py's default for URL-built pools), so
     a lost reply surfaces as ``StoreUnavailableError`` (outcome unknown).
+
+    ``client`` may be a ``redis.asyncio.cluster.RedisCluster``. Its writes
+    (activations, commits, enqueues, deletes, dequeues) then go to the nodes
+    directly and are never retried after a lost reply, whatever the cluster
+    client's ``retry``: a lost reply is ``StoreUnavailableError`` (outcome
+    unknown). Its reads go through the cluster client (and its retries).
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis | None = None,
+        client: AnyRedis | None = None,
         *,
         prefix: str = "threadline",
         partitions: int | None = None,
@@ -275,7 +333,9 @@ class RedisSnapshotStore(Reentrant):
             "RedisSnapshotStore",
             lambda: redis.asyncio.Redis.from_url("redis://localhost:6379/0"),
         )
-        self._client = client
+        self._client: AnyRedis = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._refresh_slots = False  # a node failed: ask the cluster for its slots first
         self._prefix = prefix
         self._partitions = partitions
         self._layout: KeyLayout | None = None
@@ -297,7 +357,8 @@ class RedisSnapshotStore(Reentrant):
         """A store on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
         ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
-        client and closes it on exit.
+        client and closes it on exit. For a Redis Cluster, pass a
+        ``RedisCluster`` client to the constructor instead.
         """
         client = client_from_url(url, "RedisSnapshotStore", **kwargs)
         store = cls(client, prefix=prefix, max_batch=max_batch)
@@ -310,7 +371,11 @@ class RedisSnapshotStore(Reentrant):
     # -- lifecycle ---------------------------------------------------------
 
     async def _open(self) -> None:
-        self._layout = await deployment_layout(self._client, self._prefix, self._partitions)
+        self._layout = await deployment_layout(
+            self._client,  # type: ignore[arg-type]  # typed for a standalone client only
+            self._prefix,
+            self._partitions,
+        )
         committer: GroupCommitter[_Request] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
@@ -444,8 +509,8 @@ class RedisSnapshotStore(Reentrant):
         if token is None:
             raise _lease_lost(thread_id, partition, "delete")
         with mapped("delete"):
-            reply = await self._delete_script(
-                keys=[*keys, lease], args=["" if epoch is None else epoch, token]
+            reply = await self._eval(
+                self._delete_script, (*keys, lease), ("" if epoch is None else epoch, token)
             )
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
@@ -459,11 +524,19 @@ class RedisSnapshotStore(Reentrant):
         # have committed (and added it) between the script and the SREM, and
         # the inbox (which a delete keeps) may hold messages.
         with mapped("delete"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.srem(self._index, thread_id)
-                pipe.hget(keys[0], "version")
-                pipe.llen(self._inbox_keys(thread_id)[0])
-                _, version, queued = await pipe.execute()
+            if self._cluster is None:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.srem(self._index, thread_id)
+                    pipe.hget(keys[0], "version")
+                    pipe.llen(self._inbox_keys(thread_id)[0])
+                    _, version, queued = await pipe.execute()
+            else:
+                # The index is on another node: the look must follow the SREM.
+                await self._cluster.srem(self._index, thread_id)
+                async with self._cluster.pipeline(transaction=False) as cpipe:
+                    cpipe.hget(keys[0], "version")
+                    cpipe.llen(self._inbox_keys(thread_id)[0])
+                    version, queued = await cpipe.execute()
             if (version is not None and int(version) > 0) or int(queued) > 0:
                 await self._client.sadd(self._index, thread_id)
         return value > 0
@@ -498,7 +571,7 @@ class RedisSnapshotStore(Reentrant):
         self._check_open()
         inbox, told, _ = self._inbox_keys(thread_id)
         with mapped("dequeue"):
-            return bool(await self._dequeue_script(keys=[inbox, told], args=[message_id]))
+            return bool(await self._eval(self._dequeue_script, (inbox, told), (message_id,)))
 
     async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
         self._check_open()
@@ -510,8 +583,10 @@ class RedisSnapshotStore(Reentrant):
             letter = DeadLetter(
                 message_id=message_id, envelope=_as_bytes(envelope), reason=reason, ts=time.time()
             )
-            moved = await self._dequeue_script(
-                keys=[inbox, told, dead], args=[message_id, _dead_encoder.encode(letter)]
+            moved = await self._eval(
+                self._dequeue_script,
+                (inbox, told, dead),
+                (message_id, _dead_encoder.encode(letter)),
             )
         return bool(moved)
 
@@ -557,6 +632,8 @@ class RedisSnapshotStore(Reentrant):
         await committer.submit(request)
 
     async def _flush(self, batch: Sequence[_Request]) -> list[object]:
+        if self._cluster is not None:
+            return await self._flush_cluster(self._cluster, batch)
         with mapped("commit"):
             replies = await self._send(batch)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
@@ -672,3 +749,212 @@ class RedisSnapshotStore(Reentrant):
         return ConflictError(  # unreachable unless the script and check_head disagree
             f"thread {r.thread_id!r} refused the commit (status {status})"
         )
+
+    # -- a Redis Cluster ------------------------------------------------------
+
+    async def _eval(
+        self, script: AsyncScript, keys: tuple[str, ...], args: tuple[bytes | int | str, ...]
+    ) -> Any:
+        """One writing script: on a cluster through :meth:`_eval_on_nodes` (never
+        retried after a lost reply), else through the client."""
+        if self._cluster is None:
+            return await script(keys=list(keys), args=list(args))
+        (reply,) = await self._eval_on_nodes(self._cluster, [_Call(script, keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _call(self, r: _Request) -> _Call | FencedError:
+        """The script call of a request (as ``_send`` pipelines it), or why it is refused."""
+        if isinstance(r, EnqueueRequest):
+            inbox, told, _ = self._inbox_keys(r.thread_id)
+            return _Call(self._enqueue_script, (inbox, told), (r.message_id, r.envelope))
+        head, steps, full = self._keys(r.thread_id)
+        lease, token, partition = self._fence(r.thread_id)
+        if token is None:
+            what = "activation" if isinstance(r, AcquireRequest) else "commit"
+            return _lease_lost(r.thread_id, partition, what)
+        if isinstance(r, AcquireRequest):
+            return _Call(self._acquire_script, (head, lease), (token,))
+        inbox, told, _ = self._inbox_keys(r.thread_id)
+        args: tuple[bytes | int | str, ...] = (
+            r.expected_version,
+            r.epoch,
+            r.step,
+            r.turn or "",
+            r.consumed or "",
+            token,
+        )
+        if r.full is not None:
+            args = (*args, r.full)
+        return _Call(self._commit_script, (head, steps, full, inbox, told, lease), args)
+
+    async def _flush_cluster(self, client: RedisCluster, batch: Sequence[_Request]) -> list[object]:
+        replies: list[Any] = [None] * len(batch)
+        calls: list[_Call] = []
+        sent: list[int] = []
+        for n, r in enumerate(batch):
+            call = self._call(r)
+            if isinstance(call, FencedError):
+                replies[n] = call
+            else:
+                calls.append(call)
+                sent.append(n)
+        for n, reply in zip(sent, await self._eval_on_nodes(client, calls), strict=True):
+            replies[n] = reply
+        # The index, once the scripts have run (as the standalone pipeline
+        # orders it): a racing delete then sees the new head or inbox entry.
+        indexed = [
+            n for n in sent if _indexes(batch[n]) and not isinstance(replies[n], BaseException)
+        ]
+        if indexed:
+            try:
+                await client.sadd(self._index, *{batch[n].thread_id for n in indexed})
+            except (RedisError, RedisClusterException, OSError) as exc:
+                for n in indexed:
+                    replies[n] = unavailable(
+                        f"thread {batch[n].thread_id!r} written but not indexed: {exc}", exc
+                    )
+        return [self._outcome(r, reply) for r, reply in zip(batch, replies, strict=True)]
+
+    async def _eval_on_nodes(self, client: RedisCluster, calls: Sequence[_Call]) -> list[Any]:
+        """Run ``calls``: one pipeline per node that owns some of their slots, the
+        nodes in parallel. One reply per call, in order: the script's, or an
+        exception (a redis error, or ``StoreUnavailableError``).
+
+        A call the node refused without running it is sent again, at most
+        ``_CLUSTER_ROUNDS`` times in all: after ``MOVED`` to the slot's new
+        owner (the cluster client's slot map is refreshed), after ``ASK`` to
+        the migration's target (with ``ASKING``), after ``TRYAGAIN`` (the
+        slot is being migrated and the thread's keys are not all on one side
+        yet) after a growing pause, after ``NOSCRIPT`` once the script is
+        loaded on every primary. A call whose reply was lost (the connection
+        failed) is never sent again: a commit applied twice would answer
+        ``ConflictError``.
+        """
+        replies: list[Any] = [None] * len(calls)
+        if self._refresh_slots:
+            self._refresh_slots = False
+            await self._reload_slots(client)
+        todo = list(range(len(calls)))
+        asking: dict[int, ClusterNode] = {}
+        pause = _TRYAGAIN_PAUSE
+        for round_ in range(1, _CLUSTER_ROUNDS + 1):
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                node = asking.get(i) or self._node_of(client, calls[i].keys[0])
+                if isinstance(node, Exception):
+                    replies[i] = node
+                    continue
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            async with anyio.create_task_group() as tg:
+                for node, indices in by_node.values():
+                    tg.start_soon(self._node_pipeline, node, indices, calls, replies, asking)
+            todo = [i for i in todo if _not_run(replies[i])]
+            if not todo or round_ == _CLUSTER_ROUNDS:
+                break
+            todo = await self._before_resending(client, calls, replies, todo, asking)
+            if any(isinstance(replies[i], TryAgainError) for i in todo):
+                await anyio.sleep(pause)
+                pause = min(2 * pause, _TRYAGAIN_PAUSE_MAX)
+        for i in todo:
+            replies[i] = unavailable(
+                f"not written: the cluster refused it {_CLUSTER_ROUNDS} times "
+                f"(its slot is being migrated?): {replies[i]}",
+                replies[i],
+            )
+        return replies
+
+    async def _before_resending(
+        self,
+        client: RedisCluster,
+        calls: Sequence[_Call],
+        replies: list[Any],
+        todo: list[int],
+        asking: dict[int, ClusterNode],
+    ) -> list[int]:
+        """Learn from the refusals of ``todo``: where each goes next (``asking``
+        is rewritten: the calls to send with ``ASKING``, and to which node),
+        the slot map, the scripts. Returns the calls to send again."""
+        reload_slots = False
+        scripts: dict[str, AsyncScript] = {}
+        previous = dict(asking)
+        asking.clear()
+        for i in todo:
+            reply = replies[i]
+            if isinstance(reply, MovedError):
+                reload_slots = True
+            elif isinstance(reply, AskError):
+                target = client.get_node(host=reply.host, port=reply.port)
+                if target is None:
+                    reload_slots = True
+                else:
+                    asking[i] = target
+            elif isinstance(reply, TryAgainError):
+                if i in previous:  # the migration's target: ask it again
+                    asking[i] = previous[i]
+            else:  # NOSCRIPT
+                scripts[str(calls[i].script.sha)] = calls[i].script
+        if reload_slots:
+            await self._reload_slots(client)
+        for script in scripts.values():
+            try:  # SCRIPT LOAD goes to every primary
+                script.sha = await client.script_load(script.script)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                for i in todo:
+                    if calls[i].script is script:
+                        replies[i] = exc
+                todo = [i for i in todo if calls[i].script is not script]
+        return todo
+
+    @staticmethod
+    def _node_of(client: RedisCluster, key: str) -> ClusterNode | Exception:
+        try:
+            node = client.get_node_from_key(key)
+        except (RedisError, RedisClusterException) as exc:
+            return exc
+        if node is None:
+            return RedisClusterException(f"no node serves the slot of {key!r}")
+        return node
+
+    async def _reload_slots(self, client: RedisCluster) -> None:
+        """Ask the cluster which node serves which slot (``CLUSTER SLOTS``)."""
+        try:
+            await client.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError):
+            self._refresh_slots = True  # the calls fail on their own; try again next time
+
+    async def _node_pipeline(
+        self,
+        node: ClusterNode,
+        indices: list[int],
+        calls: Sequence[_Call],
+        replies: list[Any],
+        asking: dict[int, ClusterNode],
+    ) -> None:
+        """Send ``calls[i]`` for each of ``indices`` to ``node`` in one pipeline.
+
+        ``ClusterNode.execute_pipeline`` is what redis-py's own cluster pipeline
+        runs per node: one connection, no retry, each command's reply or error
+        in its ``result``.
+        """
+        commands: list[PipelineCommand] = []
+        for i in indices:
+            if i in asking:
+                commands.append(PipelineCommand(len(commands), "ASKING"))
+            script, keys, args = calls[i]
+            commands.append(
+                PipelineCommand(len(commands), "EVALSHA", script.sha, len(keys), *keys, *args)
+            )
+        try:
+            await node.execute_pipeline(commands)
+        except Exception as exc:  # the connection failed: each call's outcome is unknown
+            for i in indices:
+                replies[i] = exc
+            self._refresh_slots = True
+            return
+        results = (command.result for command in commands if command.args[0] == "EVALSHA")
+        for i, result in zip(indices, results, strict=True):
+            replies[i] = result
+            if isinstance(result, RedisConnectionError | RedisTimeoutError | OSError):
+                self._refresh_slots = True

@@ -1,9 +1,10 @@
 """Shared fixtures: the anyio backend, a private redis-server, snapshot stores.
 
 The redis server runs on a free loopback port in a temporary directory (never
-127.0.0.1:6379). Tests are isolated by a unique key prefix, not by flushing.
-Without a ``redis-server`` binary the redis tests are skipped, unless
-``THREADLINE_REQUIRE_REDIS=1`` turns that into a failure.
+127.0.0.1:6379), and so do the nodes of the 3-node Redis Cluster. Tests are
+isolated by a unique key prefix, not by flushing. Without a ``redis-server``
+binary the redis tests are skipped, unless ``THREADLINE_REQUIRE_REDIS=1``
+turns that into a failure.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uuid import uuid4
 
 import pytest
 import redis
+from redis.asyncio.cluster import RedisCluster
 
 from threadline.persistence import (
     MemorySnapshotStore,
@@ -32,6 +34,8 @@ from threadline.persistence import (
 from ._cluster import RedisClusterProcesses
 
 STORE_KINDS = ("memory", "sqlite", "redis")
+CLUSTER_KIND = "redis-cluster"
+"""A ``RedisSnapshotStore`` on a ``RedisCluster`` client of the 3-node cluster."""
 
 
 @pytest.fixture
@@ -165,7 +169,9 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str
     Every store of a kind made by the same test shares its backend: the memory
     store is one shared instance, sqlite stores open ``tmp_path / "threads.db"``
     (or ``path=``), redis stores use the test's server and key prefix (or
-    ``prefix=``) -- so a second store stands for a second process.
+    ``prefix=``) -- so a second store stands for a second process. A
+    ``"redis-cluster"`` store has a cluster client of its own, which it closes
+    on exit (as a store made by ``from_url`` does).
     """
     memory = MemorySnapshotStore()
 
@@ -179,20 +185,38 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str
             server: RedisServer = request.getfixturevalue("redis_server")
             prefix = str(options.pop("prefix", redis_prefix))
             return RedisSnapshotStore.from_url(server.url, prefix=prefix, **options)
+        if kind == CLUSTER_KIND:
+            cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+            prefix = str(options.pop("prefix", redis_prefix))
+            host, port = cluster.startup
+            store = RedisSnapshotStore(RedisCluster(host=host, port=port), prefix=prefix, **options)
+            store._owns_client = True
+            return store
         raise ValueError(f"unknown store kind {kind!r}")
 
     return _open
 
 
-@pytest.fixture(
-    params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)],
-    ids=["memory", "sqlite", "redis"],
-)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind = str(request.param)
+def store_kind_params(*kinds: str) -> list[Any]:
+    """``kinds`` as parameters of a ``store_kind`` fixture (redis ones marked ``redis``)."""
+    return [
+        pytest.param(kind, id=kind, marks=pytest.mark.redis if kind.startswith("redis") else ())
+        for kind in kinds
+    ]
+
+
+def start_backend(request: pytest.FixtureRequest, kind: str) -> str:
+    """Start the server or cluster ``kind`` needs (or skip before the test); ``kind``."""
     if kind == "redis":
-        request.getfixturevalue("redis_server")  # start it, or skip before the test
+        request.getfixturevalue("redis_server")
+    elif kind == CLUSTER_KIND:
+        request.getfixturevalue("redis_cluster")
     return kind
+
+
+@pytest.fixture(params=store_kind_params(*STORE_KINDS))
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return start_backend(request, str(request.param))
 
 
 @pytest.fixture

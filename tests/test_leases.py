@@ -567,23 +567,160 @@ async def test_f13_scripts_survive_a_node_that_lost_its_script_cache(
 async def test_f13_the_snapshot_store_on_a_cluster(
     cluster_client: RedisCluster, redis_prefix: str
 ) -> None:
-    try:
-        store = RedisSnapshotStore(cluster_client, prefix=redis_prefix)  # type: ignore[arg-type]
-    except (AttributeError, TypeError, ValueError) as exc:
-        pytest.skip(f"RedisSnapshotStore cannot take a cluster client yet: {exc!r}")
-    from threadline.persistence import CommitRequest
+    """The worker's store (fenced by partition leases) on the cluster client: a
+    batch spans all three nodes, each thread's keys land on its partition
+    lease's node, the scripts survive ``SCRIPT FLUSH`` on every node, and a
+    lost lease refuses the writes."""
+    from threadline.persistence import CommitRequest, InboxEntry
 
+    client = cluster_client
+    held: dict[int, Lease] = {}
+    store = RedisSnapshotStore(
+        client,
+        prefix=redis_prefix,
+        lease_token=lambda p: held[p].token if p in held else None,
+    )
     async with store:
-        threads = [f"thread-{i}" for i in range(12)]
-        for thread_id in threads:
-            epoch = await store.acquire(thread_id)
-            await store.commit(
-                CommitRequest(thread_id=thread_id, expected_version=0, epoch=epoch, step=b"s1")
+        layout = store.layout
+        leases = PartitionLeases(client, layout=layout, ttl_ms=60_000)
+        partitions = _spread_over_nodes(client, layout, per_node=2)
+        names = (f"thread-{i}" for i in itertools.count())
+        thread_of = {p: next(t for t in names if layout.partition_of(t) == p) for p in partitions}
+        threads = sorted(thread_of.values())
+        unleased = next(  # in a partition this worker holds no lease of
+            t
+            for t in (f"other-{i}" for i in itertools.count())
+            if layout.partition_of(t) not in partitions
+        )
+        for p in partitions:
+            lease = await leases.acquire(p, "w-a")
+            assert lease is not None
+            held[p] = lease
+
+        committer = store._committer
+        assert committer is not None
+        real_flush = committer._flush
+        sizes: list[int] = []
+
+        async def one_batch(calls: list[Callable[[], Any]]) -> list[Any]:
+            """Run ``calls`` (store calls) as ONE batch of the group committer."""
+            outcomes: list[Any] = [None] * len(calls)
+            gate = anyio.Event()
+
+            async def gated_flush(items: Any) -> Any:
+                sizes.append(len(items))
+                await gate.wait()
+                return await real_flush(items)
+
+            async def run(i: int) -> None:
+                try:
+                    outcomes[i] = await calls[i]()
+                except PersistenceError as exc:
+                    outcomes[i] = exc
+
+            sizes.clear()
+            committer._flush = gated_flush
+            try:
+                with anyio.fail_after(30):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(store.enqueue, threads[0], "blocker", b"b")
+                        await anyio.wait_all_tasks_blocked()
+                        for i in range(len(calls)):
+                            tg.start_soon(run, i)
+                        await anyio.wait_all_tasks_blocked()
+                        gate.set()
+            finally:
+                committer._flush = real_flush
+            assert sizes == [1, len(calls)]
+            return outcomes
+
+        def commit(thread_id: str, version: int, epoch: int, **kw: Any) -> Callable[[], Any]:
+            return lambda: store.commit(
+                CommitRequest(
+                    thread_id=thread_id,
+                    expected_version=version,
+                    epoch=epoch,
+                    step=b"%s/%d" % (thread_id.encode(), version + 1),
+                    **kw,
+                )
             )
-            loaded = await store.load(thread_id)
-            assert loaded is not None and loaded.version == 1
-        assert sorted(await store.threads()) == sorted(threads)
-        assert await store.delete(threads[0])
+
+        # Activations, then first commits and tells: each one batch over three nodes.
+        acquired = await one_batch([lambda t=t: store.acquire(t) for t in threads])
+        assert acquired == [1] * len(threads)
+        outcomes = await one_batch(
+            [commit(t, 0, 1) for t in threads]
+            + [lambda t=t: store.enqueue(t, "m1", b"m1") for t in threads]
+            + [commit(unleased, 0, 1)]
+        )
+        assert outcomes[:-1] == [None] * (2 * len(threads))
+        assert isinstance(outcomes[-1], FencedError)
+        assert f"partition {layout.partition_of(unleased)}" in str(outcomes[-1])
+        ports = set()
+        for p, t in thread_of.items():
+            node = client.get_node_from_key(layout.partition(p).lease)
+            assert node is not None
+            ports.add(node.port)
+            raw = redis.asyncio.Redis(host=node.host, port=node.port)
+            try:
+                assert await raw.hget(layout.for_thread(t).thread(t, "head"), "version") == b"1"
+            finally:
+                await raw.aclose()
+        assert len(ports) == 3
+
+        # Every node forgets its scripts: the next batch reloads them and runs.
+        for node in client.get_nodes():
+            await client.execute_command("SCRIPT FLUSH", target_nodes=node)
+        fresh = next(
+            t
+            for t in (f"fresh-{i}" for i in itertools.count())
+            if layout.partition_of(t) == partitions[-1]
+        )
+        outcomes = await one_batch(
+            [commit(t, 1, 1, consumed="m1") for t in threads]
+            + [lambda: store.acquire(fresh)]
+            + [lambda t=t: store.enqueue(t, "m2", b"m2") for t in threads]
+        )
+        assert outcomes == [None] * len(threads) + [1] + [None] * len(threads)
+        for t in threads:
+            assert await store.read_steps(t) == [f"{t}/1".encode(), f"{t}/2".encode()]
+            expected = [InboxEntry("m2", b"m2")]
+            if t == threads[0]:
+                expected.insert(0, InboxEntry("blocker", b"b"))
+            assert await store.pending(t) == expected
+        for node in client.get_nodes():
+            await client.execute_command("SCRIPT FLUSH", target_nodes=node)
+        assert await store.dequeue(threads[0], "blocker") is True
+        for node in client.get_nodes():
+            await client.execute_command("SCRIPT FLUSH", target_nodes=node)
+        assert await store.dead_letter(threads[1], "m2", "bad") is True
+        for node in client.get_nodes():
+            await client.execute_command("SCRIPT FLUSH", target_nodes=node)
+        assert await store.delete(threads[2], epoch=1) is True
+        assert await store.threads() == sorted(t for t in threads if t != threads[2])
+
+        # A lease is lost (expired during a pause) and taken by another worker,
+        # who has not touched the thread: only the lease can refuse the writes.
+        p0 = partitions[0]
+        t0 = thread_of[p0]
+        head = layout.for_thread(t0).thread(t0, "head")
+        await client.delete(layout.partition(p0).lease)
+        successor = await leases.acquire(p0, "w-b")
+        assert successor is not None and successor.epoch == held[p0].epoch + 1
+        with pytest.raises(FencedError, match=f"lease of partition {p0}"):
+            await store.commit(CommitRequest(thread_id=t0, expected_version=2, epoch=1, step=b"x"))
+        with pytest.raises(FencedError, match=f"lease of partition {p0}"):
+            await store.acquire(t0)
+        with pytest.raises(FencedError, match=f"lease of partition {p0}"):
+            await store.delete(t0, epoch=1)
+        assert await client.hget(head, "version") == b"2"
+        assert await client.hget(head, "epoch") == b"1"
+        held[p0] = successor
+        epoch = await store.acquire(t0)
+        assert epoch == 2
+        await store.commit(CommitRequest(thread_id=t0, expected_version=2, epoch=2, step=b"x"))
+        loaded = await store.load(t0)
+        assert loaded is not None and loaded.version == 3
 
 
 # -- the snapshot store's writes are fenced by the partition lease -----------------

@@ -1,13 +1,16 @@
-"""One conformance suite for every SnapshotStore (memory, sqlite, redis).
+"""One conformance suite for every SnapshotStore (memory, sqlite, redis, and
+redis on a 3-node Redis Cluster).
 
 ``MemorySnapshotStore`` is the reference; the durable stores must behave the
-same, also when they group concurrent commits into one transaction/pipeline.
-Tests that need "a second process" open a second store object on the same
-file / server / key prefix (the memory store can only share its instance).
+same, also when they group concurrent commits into one transaction/pipeline
+(one per node on a cluster). Tests that need "a second process" open a second
+store object on the same file / server / key prefix (the memory store can
+only share its instance).
 """
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -17,6 +20,8 @@ import anyio
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from threadline.persistence import (
     CommitRequest,
@@ -35,7 +40,17 @@ from threadline.persistence import (
 from threadline.persistence._batch import GroupCommitter
 from threadline.persistence._partitions import partition_tag
 
+from ._cluster import ClusterNode, RedisClusterProcesses
+from .conftest import CLUSTER_KIND, STORE_KINDS, start_backend, store_kind_params
+
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=store_kind_params(*STORE_KINDS, CLUSTER_KIND))
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """conftest's kinds, and a Redis store on the 3-node cluster."""
+    return start_backend(request, str(request.param))
+
 
 OpenStore = Callable[..., SnapshotStore]
 
@@ -724,29 +739,59 @@ def _hash_tag(key: str) -> str | None:
     return key[start + 1 : end]
 
 
+@pytest.fixture(params=store_kind_params("redis", CLUSTER_KIND))
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """A standalone redis-server, or the 3-node cluster."""
+    return start_backend(request, str(request.param))
+
+
+@pytest.fixture
+def server_urls(redis_kind: str, request: pytest.FixtureRequest) -> list[str]:
+    """URLs of the kind's servers, for plain clients: the one server, or each node."""
+    if redis_kind == CLUSTER_KIND:
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        return [f"redis://127.0.0.1:{node.port}/0" for node in cluster.nodes]
+    return [str(request.getfixturevalue("redis_server").url)]
+
+
+async def _scan(url: str, match: str) -> list[str]:
+    raw = redis.asyncio.Redis.from_url(url)
+    try:
+        return [k.decode() async for k in raw.scan_iter(match=match, count=1000)]
+    finally:
+        await raw.aclose()
+
+
 @pytest.mark.redis
 async def test_redis_keys_of_a_thread_share_one_hash_tag(
-    redis_server: Any, redis_prefix: str, open_store: OpenStore
+    redis_kind: str, server_urls: list[str], redis_prefix: str, open_store: OpenStore
 ) -> None:
     ids = ["plain", "a{b}c", "}{", "{x}", "a}b", "a%7Db", "%", "ünï: c{o}de"]
-    async with open_store("redis") as store:
+    async with open_store(redis_kind) as store:
         for thread_id in ids:
             epoch = await store.acquire(thread_id)
             await store.commit(req(thread_id, 0, epoch, full=b"full"))
             for mid in ("m1", "m2", "m3"):
                 await store.enqueue(thread_id, mid, b"envelope")
             await store.dead_letter(thread_id, "m2", "bad")
-    raw = redis.asyncio.Redis.from_url(redis_server.url)
-    try:
-        keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}:*", count=1000)]
-        members = await raw.smembers(f"{redis_prefix}:threads")
+        assert isinstance(store, RedisSnapshotStore)
+        members = await store._client.smembers(f"{redis_prefix}:threads")
         index_members = {m.decode() for m in members if isinstance(m, bytes)}
-    finally:
-        await raw.aclose()
+    keys_by_server = [await _scan(url, f"{redis_prefix}:*") for url in server_urls]
+    keys = [key for server_keys in keys_by_server for key in server_keys]
+    assert len(keys) == len(set(keys))
     assert index_members == set(ids)
     by_tag: dict[str | None, set[str]] = {}
     for key in keys:
         by_tag.setdefault(_hash_tag(key), set()).add(key)
+    # On a cluster, all the keys of a tag are on one node (the slot's).
+    servers_of_tag: dict[str | None, set[int]] = {}
+    for n, server_keys in enumerate(keys_by_server):
+        for key in server_keys:
+            servers_of_tag.setdefault(_hash_tag(key), set()).add(n)
+    assert all(len(servers) == 1 for tag, servers in servers_of_tag.items() if tag is not None)
+    if redis_kind == CLUSTER_KIND:  # the threads are spread over the nodes
+        assert len(set().union(*servers_of_tag.values())) == len(server_urls)
     assert by_tag.pop(None) == {f"{redis_prefix}:threads", f"{redis_prefix}:config"}
     # Format 2: a thread's keys carry its partition's tag (crc32 % 64, the default).
     layout = KeyLayout(prefix=redis_prefix, partitions=64)
@@ -761,8 +806,16 @@ async def test_redis_keys_of_a_thread_share_one_hash_tag(
 
 
 @pytest.mark.redis
-async def test_redis_survives_kill_and_restart(redis_server: Any, open_store: OpenStore) -> None:
-    async with open_store("redis") as store:
+async def test_redis_survives_kill_and_restart(
+    redis_kind: str, request: pytest.FixtureRequest, open_store: OpenStore
+) -> None:
+    if redis_kind == CLUSTER_KIND:
+        pytest.skip(
+            "kills and restarts the one redis-server; a cluster node that dies is a "
+            "failover matter (replicas), and the shared 3-node fixture has none"
+        )
+    redis_server = request.getfixturevalue("redis_server")
+    async with open_store(redis_kind) as store:
         epoch = await store.acquire("t")
         await fill(store, "t", 3, epoch)
         try:
@@ -796,38 +849,42 @@ async def test_redis_survives_kill_and_restart(redis_server: Any, open_store: Op
             assert await store.threads() == ["t"]
 
 
-async def _flush_scripts(url: str) -> None:
-    raw = redis.asyncio.Redis.from_url(url)
-    try:
-        await raw.script_flush()
-    finally:
-        await raw.aclose()
+async def _flush_scripts(*urls: str) -> None:
+    """``SCRIPT FLUSH`` on each server (every node of a cluster)."""
+    for url in urls:
+        raw = redis.asyncio.Redis.from_url(url)
+        try:
+            await raw.script_flush()
+        finally:
+            await raw.aclose()
 
 
 @pytest.mark.redis
-async def test_redis_reloads_flushed_scripts(redis_server: Any, open_store: OpenStore) -> None:
-    async with open_store("redis") as store:
+async def test_redis_reloads_flushed_scripts(
+    redis_kind: str, server_urls: list[str], open_store: OpenStore
+) -> None:
+    async with open_store(redis_kind) as store:
         epoch = await store.acquire("t")
         await store.commit(req("t", 0, epoch))
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         await store.commit(req("t", 1, epoch))
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         with pytest.raises(ConflictError):
             await store.commit(req("t", 1, epoch))
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         assert await store.acquire("t") == epoch + 1
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         loaded = await store.load("t")
         assert loaded is not None
         assert loaded.steps == [step("t", 1), step("t", 2)]
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         assert await store.delete("t") is True
         for mid in ("a", "b", "c"):
-            await _flush_scripts(redis_server.url)
+            await _flush_scripts(*server_urls)
             await store.enqueue("t", mid, mid.encode())
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         assert await store.dequeue("t", "a") is True
-        await _flush_scripts(redis_server.url)
+        await _flush_scripts(*server_urls)
         assert await store.dead_letter("t", "b", "bad") is True
         assert await store.pending("t") == [InboxEntry("c", b"c")]
 
@@ -864,6 +921,29 @@ async def test_redis_client_ownership(redis_server: Any, redis_prefix: str) -> N
         redis_server.url.replace("redis://", "rediss://"), prefix=redis_prefix
     )
     assert isinstance(store, RedisSnapshotStore)  # accepted (not connected here)
+
+
+@pytest.mark.redis
+async def test_redis_cluster_client_ownership(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    host, port = redis_cluster.startup
+    client = RedisCluster(host=host, port=port)
+    try:
+        async with RedisSnapshotStore(client, prefix=redis_prefix) as store:
+            epoch = await store.acquire("t")
+            await store.commit(req("t", 0, epoch))
+        assert await client.ping()  # a client passed in stays open
+        head = KeyLayout(prefix=redis_prefix, partitions=64).for_thread("t").thread("t", "head")
+        assert await client.hget(head, "version") == b"1"
+    finally:
+        await client.aclose()
+    decoding = RedisCluster(host=host, port=port, decode_responses=True)
+    try:
+        with pytest.raises(ValueError, match="decode_responses"):
+            RedisSnapshotStore(decoding, prefix=redis_prefix)
+    finally:
+        await decoding.aclose()
 
 
 # -- the group committer itself ------------------------------------------------------
@@ -1124,3 +1204,213 @@ async def test_sqlite_acquires_share_the_group_commit(tmp_path: Path) -> None:
             assert sorted(got) == list(range(1, len(got) + 1)), thread_id
         fresh = await store.acquire("t0")
         assert fresh == len(epochs["t0"]) + 1
+
+
+# -- redis on a cluster: slots that move, replies that are lost -------------------------
+
+
+def _slot_of(store: SnapshotStore, thread_id: str) -> tuple[str, int]:
+    assert isinstance(store, RedisSnapshotStore)
+    head = store.layout.for_thread(thread_id).thread(thread_id, "head")
+    return head, key_slot(head.encode())
+
+
+async def _admin(node: ClusterNode, *command: Any) -> Any:
+    raw = redis.asyncio.Redis(host="127.0.0.1", port=node.port)
+    try:
+        return await raw.execute_command(*command)
+    finally:
+        await raw.aclose()
+
+
+async def _tryagain_count(cluster: RedisClusterProcesses) -> int:
+    total = 0
+    for node in cluster.nodes:
+        raw = redis.asyncio.Redis(host="127.0.0.1", port=node.port)
+        try:
+            stats = await raw.info("errorstats")
+        finally:
+            await raw.aclose()
+        total += int(stats.get("errorstat_TRYAGAIN", {}).get("count", 0))
+    return total
+
+
+async def _begin_migration(
+    cluster: RedisClusterProcesses, slot: int
+) -> tuple[ClusterNode, ClusterNode]:
+    """Mark ``slot`` as migrating to another node, moving no key yet."""
+    source = cluster.node_of_slot(slot)
+    target = next(node for node in cluster.nodes if node is not source)
+    source_id = await _admin(source, "CLUSTER", "MYID")
+    target_id = await _admin(target, "CLUSTER", "MYID")
+    await _admin(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    await _admin(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    return source, target
+
+
+async def _steps_on(node: ClusterNode, store: SnapshotStore, thread_id: str) -> list[bytes]:
+    assert isinstance(store, RedisSnapshotStore)
+    key = store.layout.for_thread(thread_id).thread(thread_id, "steps")
+    raw = redis.asyncio.Redis(host="127.0.0.1", port=node.port)
+    try:
+        return list(await raw.lrange(key, 0, -1))
+    finally:
+        await raw.aclose()
+
+
+def _same_partition(store: SnapshotStore, thread_id: str, n: int) -> list[str]:
+    assert isinstance(store, RedisSnapshotStore)
+    partition = store.layout.partition_of(thread_id)
+    found = [f"{thread_id}-{i}" for i in range(10_000)]
+    return [t for t in found if store.layout.partition_of(t) == partition][:n]
+
+
+@pytest.mark.redis
+async def test_redis_cluster_commit_follows_a_moved_slot(
+    redis_cluster: RedisClusterProcesses, open_store: OpenStore
+) -> None:
+    async with open_store(CLUSTER_KIND) as store:
+        assert isinstance(store, RedisSnapshotStore)
+        client = store._client
+        assert isinstance(client, RedisCluster)
+        epoch = await store.acquire("t")
+        await store.commit(req("t", 0, epoch))
+        other = _same_partition(store, "t", 1)[0]
+        await store.enqueue(other, "m", b"m")
+        head, slot = _slot_of(store, "t")
+        source = redis_cluster.node_of_slot(slot)
+        target = next(node for node in redis_cluster.nodes if node is not source)
+        await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, target)
+
+        # The store's map still names the old node: MOVED, a new map, sent again.
+        node = client.get_node_from_key(head)
+        assert node is not None and node.port == source.port
+        with anyio.fail_after(10):
+            outcomes = await _run_one_batch(store, [req("t", 1, epoch), req(other, 0, 1)])
+        assert outcomes[0] is None
+        assert isinstance(outcomes[1], ConflictError)  # no head: it ran on the new node
+        node = client.get_node_from_key(head)
+        assert node is not None and node.port == target.port
+        assert await _steps_on(target, store, "t") == [step("t", 1), step("t", 2)]
+        assert await store.acquire(other) == 1
+        await store.commit(
+            CommitRequest(thread_id=other, expected_version=0, epoch=1, step=b"s", consumed="m")
+        )
+        assert await store.pending(other) == []
+
+
+@pytest.mark.redis
+async def test_redis_cluster_commit_waits_out_a_slot_migration(
+    redis_cluster: RedisClusterProcesses, open_store: OpenStore
+) -> None:
+    """While a slot migrates, a thread's script can run on neither side (ASK, then
+    TRYAGAIN); the commit is sent again until the migration ends, the rest of
+    its batch is written at once."""
+    async with open_store(CLUSTER_KIND) as store:
+        old, new = _same_partition(store, "m", 2)
+        _, slot = _slot_of(store, old)
+        elsewhere = next(
+            f"e{i}"
+            for i in range(10_000)
+            if redis_cluster.node_of_slot(_slot_of(store, f"e{i}")[1])
+            is not redis_cluster.node_of_slot(slot)
+        )
+        epochs = {t: await store.acquire(t) for t in (old, new, elsewhere)}
+        await store.commit(req(old, 0, epochs[old]))
+        source, target = await _begin_migration(redis_cluster, slot)
+        try:
+            before = await _tryagain_count(redis_cluster)
+            outcomes: list[Any] = []
+
+            async def commit_batch() -> None:
+                outcomes.extend(
+                    await _run_one_batch(
+                        store,
+                        [
+                            req(old, 1, epochs[old]),
+                            req(new, 0, epochs[new]),
+                            req(elsewhere, 0, epochs[elsewhere]),
+                        ],
+                    )
+                )
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(commit_batch)
+                    # Once a node has answered TRYAGAIN, finish the migration.
+                    while await _tryagain_count(redis_cluster) == before:
+                        await anyio.sleep(0.005)
+                    # The rest of the batch is written already.
+                    assert await store.read_steps(elsewhere) == [step(elsewhere, 1)]
+                    await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, target)
+        finally:
+            if redis_cluster.node_of_slot(slot) is source:  # the test failed midway
+                await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, target)
+        assert outcomes == [None, None, None]
+        assert await _steps_on(target, store, old) == [step(old, 1), step(old, 2)]
+        assert await _steps_on(target, store, new) == [step(new, 1)]
+        assert await store.threads() == sorted([old, new, elsewhere, "blocker"])
+
+
+@pytest.mark.redis
+async def test_redis_cluster_commit_refused_during_a_stalled_migration_is_not_written(
+    redis_cluster: RedisClusterProcesses, open_store: OpenStore
+) -> None:
+    async with open_store(CLUSTER_KIND) as store:
+        epoch = await store.acquire("s")
+        await store.commit(req("s", 0, epoch))
+        _, slot = _slot_of(store, "s")
+        source, target = await _begin_migration(redis_cluster, slot)
+        try:
+            with anyio.fail_after(20), pytest.raises(StoreUnavailableError, match="not written"):
+                await store.commit(req("s", 1, epoch))
+        finally:
+            for node in (source, target):
+                await _admin(node, "CLUSTER", "SETSLOT", slot, "STABLE")
+        assert await _steps_on(source, store, "s") == [step("s", 1)]
+        assert await _admin(target, "CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+        await store.commit(req("s", 1, epoch))  # the same commit: it was not written
+        assert await store.read_steps("s") == [step("s", 1), step("s", 2)]
+
+
+@pytest.mark.redis
+async def test_redis_cluster_lost_reply_is_outcome_unknown_not_resent(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    """A node that stops answering mid-commit: ``StoreUnavailableError`` at the
+    client's socket timeout, not a retry (the cluster client's own policy
+    would send the commit again once the node is back, and report
+    ``ConflictError`` for a commit it applied)."""
+    host, port = redis_cluster.startup
+    client = RedisCluster(host=host, port=port, socket_timeout=0.5)
+    try:
+        async with RedisSnapshotStore(client, prefix=redis_prefix) as store:
+            epoch = await store.acquire("lost")
+            await store.commit(req("lost", 0, epoch))
+            _, slot = _slot_of(store, "lost")
+            node = redis_cluster.node_of_slot(slot)
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = anyio.current_time()
+                with pytest.raises(StoreUnavailableError) as info:
+                    await store.commit(req("lost", 1, epoch))
+                assert not isinstance(info.value, ConflictError)
+                assert anyio.current_time() - started < 3.0  # the node was still stopped
+            finally:
+                node.proc.send_signal(signal.SIGCONT)
+            with anyio.fail_after(30):
+                while True:  # the node answers again
+                    try:
+                        loaded = await store.load("lost")
+                        break
+                    except StoreUnavailableError:
+                        await anyio.sleep(0.05)
+            # Applied once or not at all (the reply was lost, not the request).
+            assert loaded is not None and loaded.version in (1, 2)
+            assert await store.read_steps("lost") == [
+                step("lost", v) for v in range(1, loaded.version + 1)
+            ]
+            await store.commit(req("lost", loaded.version, epoch))
+    finally:
+        await client.aclose()
