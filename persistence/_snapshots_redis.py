@@ -371,11 +371,7 @@ class RedisSnapshotStore(Reentrant):
     # -- lifecycle ---------------------------------------------------------
 
     async def _open(self) -> None:
-        self._layout = await deployment_layout(
-            self._client,  # type: ignore[arg-type]  # typed for a standalone client only
-            self._prefix,
-            self._partitions,
-        )
+        self._layout = await deployment_layout(self._client, self._prefix, self._partitions)
         committer: GroupCommitter[_Request] = GroupCommitter(
             self._flush, max_batch=self._max_batch, name="threadline-redis-commit"
         )
