@@ -80,6 +80,16 @@ pending entries are claimed and dispatched again, in stream order;
 queued before it is done (a lease is released only after its acks went out)."""
 
 
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 class InboxReply(Reply):
     """The reply of an envelope read from a partition inbox.
 
@@ -90,10 +100,11 @@ class InboxReply(Reply):
     end (the store failed, the worker stopped) stays pending: its partition's
     next owner redelivers it, the thread resumes the parked turn on activation
     and answers the redelivered id as a duplicate, which replies with the state
-    the turn ended in.
+    the turn ended in. ``done`` is called when the reply is settled, once,
+    whichever way (it gives back the message's share of ``max_active_turns``).
     """
 
-    __slots__ = ("_entry", "_key", "_queue", "_stall")
+    __slots__ = ("_done_with", "_entry", "_key", "_queue", "_stall")
 
     def __init__(
         self,
@@ -102,12 +113,14 @@ class InboxReply(Reply):
         modes: frozenset[str],
         entry: tuple[int, str],
         stall: Callable[[], None],
+        done: Callable[[], None],
     ) -> None:
         super().__init__(modes=modes)
         self._key = key
         self._queue = queue
         self._entry = entry
         self._stall = stall
+        self._done_with = done
 
     @property
     def listening(self) -> bool:
@@ -129,40 +142,86 @@ class InboxReply(Reply):
             self._send(ReplyEvent(event=mode, data=part.data, version=part.version))
 
     def resolve(self, value: Any) -> None:
-        if not self.settled:
-            self._send(ReplyEvent(event="end", data=value))
-            self._ack()
+        if self.settled:
+            return
+        self._send(ReplyEvent(event="end", data=value))
+        self._ack()
         super().resolve(value)
+        self._done_with()
 
     def fail(self, error: BaseException) -> None:
-        if not self.settled:
-            # A turn that failed has its abort committed: done with. A message the
-            # store, a fence or the shutdown cut short is not: it stays pending, and
-            # its redelivery replies on the same stream. An error event now would
-            # tell the sender it failed (and a retry with the same id would read it
-            # again).
-            if not isinstance(error, (PersistenceError, SystemClosedError)):
-                self._send(error_event(error))
-                self._ack()
-            else:
-                # Nothing of this thread may be applied before the redelivery:
-                # what is queued behind it goes back to the inbox too.
-                super().fail(error)
-                self._stall()
-                self._out(("redeliver", "", self._entry[0], self._entry[1], b""))
-                return
+        if self.settled:
+            return
         super().fail(error)
+        # A turn that failed has its abort committed: done with. A message the
+        # store, a fence or the shutdown cut short is not: it stays pending, and
+        # its redelivery replies on the same stream. An error event now would
+        # tell the sender it failed (and a retry with the same id would read it
+        # again).
+        if not isinstance(error, (PersistenceError, SystemClosedError)):
+            self._send(error_event(error))
+            self._ack()
+        else:
+            # Nothing of this thread may be applied before the redelivery:
+            # what is queued behind it goes back to the inbox too.
+            self._stall()
+            self._out(("redeliver", "", self._entry[0], self._entry[1], b""))
+        self._done_with()
+
+
+class _Once:
+    """Calls ``fn`` the first time it is called, never again."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
+class _Turn:
+    """One thread's share of a worker's ``max_active_turns``: held while any
+    message of the thread the worker dispatched is not settled yet."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self) -> None:
+        self.messages = 0
 
 
 class Worker(Generic[S]):
     """Serves ``agent``'s threads from a Redis deployment, with other workers.
 
     ``async with Worker(agent, "redis://...") as worker: await worker.serve()``
-    (or ``threadline worker --redis URL --app module:agent``). ``partitions``
-    is fixed when the deployment is first used (default 64) and read from it
-    afterwards; ``lease_ttl`` (seconds) bounds how long a crashed worker's
-    partitions wait for a new owner. Other keyword arguments go to the
-    worker's ``ActorSystem`` (``mailbox_capacity``, ``shutdown_timeout``, ...).
+    (or ``threadline worker --redis URL --app module:agent``). Options:
+
+    * ``partitions``: the partition count, fixed when the deployment is first
+      used (default 64) and read from it afterwards.
+    * ``lease_ttl`` (seconds, default 10): how long a crashed worker's
+      partitions wait for a new owner.
+    * ``max_active_turns`` (default 256): the most threads this worker has work
+      dispatched to at once, i.e. turns running or about to (an ``update`` or a
+      ``delete`` counts as one too). A thread holds one share from the first
+      inbox message the worker hands it until the last one it was handed is
+      settled (answered, failed, dead-lettered, or handed back to the inbox);
+      messages queued behind its turn take no other share, so a hot thread
+      never starves the others. At the cap the partition readers stop reading
+      until a share comes back (``worker.saturated`` is logged once each time).
+      ``active_turns`` is the current count, ``in_flight`` the messages.
+    * ``max_deliveries`` (default 5): how many times an entry may be delivered
+      (its owner dying or stopping each time) before it is dead-lettered as
+      poison and a turn it left parked is aborted.
+    * ``handoff_timeout`` (seconds, default 30): how long a partition being
+      handed to another worker waits for its turns in flight; after it the
+      lease goes anyway (and the next owner redoes the step in flight).
+
+    Other keyword arguments go to the worker's ``ActorSystem``
+    (``mailbox_capacity``, ``shutdown_timeout``, ...). A bad value raises
+    ``ValueError``.
     """
 
     def __init__(
@@ -173,15 +232,23 @@ class Worker(Generic[S]):
         prefix: str = "tl",
         partitions: int | None = None,
         lease_ttl: float = 10.0,
+        max_active_turns: int = 256,
+        max_deliveries: int = 5,
+        handoff_timeout: float = 30.0,
         worker_id: str | None = None,
         **system_options: Any,
     ) -> None:
-        if not lease_ttl > 0:
-            raise ValueError(f"lease_ttl must be positive, got {lease_ttl!r}")
+        _check_positive("lease_ttl", lease_ttl)
+        _check_count("max_active_turns", max_active_turns)
+        _check_count("max_deliveries", max_deliveries)
+        _check_positive("handoff_timeout", handoff_timeout)
         self.agent = agent
         self.url = url
         self.prefix = prefix
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.max_active_turns = max_active_turns
+        self.max_deliveries = max_deliveries
+        self.handoff_timeout = handoff_timeout
         self._partitions = partitions
         self._ttl_ms = max(int(lease_ttl * 1000), 50)
         self._system_options = system_options
@@ -192,6 +259,9 @@ class Worker(Generic[S]):
         self._handing_off: set[int] = set()
         self._flushes: dict[str, anyio.Event] = {}  # flush key -> set once done
         self._keeping: anyio.CancelScope | None = None
+        self._active: dict[str, _Turn] = {}
+        self._shares = anyio.CapacityLimiter(max_active_turns)
+        self._saturated = False
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
 
@@ -209,6 +279,9 @@ class Worker(Generic[S]):
             self._reads = RedisInbox(readers, self.layout)
             self._lease_table = PartitionLeases(client, layout=self.layout, ttl_ms=self._ttl_ms)
             self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
+            self._active.clear()
+            self._shares = anyio.CapacityLimiter(self.max_active_turns)
+            self._saturated = False
             send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
             self._outbound_queue = send
             tg = await stack.enter_async_context(anyio.create_task_group())
@@ -299,6 +372,17 @@ class Worker(Generic[S]):
         """The partitions this worker holds leases for."""
         return sorted(self._leases)
 
+    @property
+    def active_turns(self) -> int:
+        """Threads with a message this worker dispatched and has not settled yet
+        (what ``max_active_turns`` caps)."""
+        return len(self._active)
+
+    @property
+    def in_flight(self) -> int:
+        """Inbox messages this worker dispatched and has not settled yet."""
+        return sum(turn.messages for turn in self._active.values())
+
     # -- leases and placement ------------------------------------------------------
 
     async def _tick(self, tg: TaskGroup) -> None:
@@ -361,9 +445,6 @@ class Worker(Generic[S]):
         if scope is not None:
             scope.cancel()
         self._log.warning("lease.lost", partition=partition, reason=why)
-
-    handoff_timeout: float = 30.0
-    """How long a partition being handed over waits for its turns in flight."""
 
     async def _release(self, partition: int) -> None:
         """Hand a partition over at a turn boundary.
@@ -472,6 +553,12 @@ class Worker(Generic[S]):
         stream gets an ``error`` event, and a turn it left parked is aborted
         (an ``abort`` step), so the thread serves its next message instead of
         resuming the turn that keeps killing its workers.
+
+        A thread with nothing in flight here first waits for a share of
+        ``max_active_turns`` (the reader waits with it: nothing behind the
+        entry is dispatched meanwhile). The share comes back when the thread's
+        last message is settled, however that happens; an entry that does not
+        decode takes none (it never reaches a thread).
         """
         try:
             envelope = read_envelope(entry.payload, what=f"inbox entry {entry.entry_id}")
@@ -481,24 +568,77 @@ class Worker(Generic[S]):
         thread_id = envelope.thread_id
         if thread_id in self._stalled:
             return  # left pending: redelivered in order once the partition is claimed again
-        reply = InboxReply(
-            envelope.reply_to,
-            self._outbound_queue,
-            frozenset(envelope.modes),
-            (partition, entry.entry_id),
-            functools.partial(self._stall, thread_id),
-        )
-        blamed = entry.deliveries > 1 and self._first_redelivered(envelope.thread_id)
-        if blamed and entry.deliveries > self.max_deliveries:
-            await self._poisoned(partition, entry, envelope, reply)
-            return
+        done = await self._occupy(thread_id)
+        handed = False
         try:
-            envelope = self._validate(envelope)
-        except InvalidInputError as exc:
-            await self._dead_letter(partition, entry, f"invalid: {exc}")
-            reply.fail(exc)
+            if thread_id in self._stalled:  # while it waited for a share
+                return
+            reply = InboxReply(
+                envelope.reply_to,
+                self._outbound_queue,
+                frozenset(envelope.modes),
+                (partition, entry.entry_id),
+                functools.partial(self._stall, thread_id),
+                done,
+            )
+            blamed = entry.deliveries > 1 and self._first_redelivered(envelope.thread_id)
+            if blamed and entry.deliveries > self.max_deliveries:
+                await self._poisoned(partition, entry, envelope, reply)
+                return
+            try:
+                envelope = self._validate(envelope)
+            except InvalidInputError as exc:
+                await self._dead_letter(partition, entry, f"invalid: {exc}")
+                reply.fail(exc)
+                return
+            await self.system.route(envelope.thread_id).put(envelope, reply)
+            handed = True  # the thread settles the reply, on every path
+        finally:
+            if not handed:
+                done()  # a no-op if the reply was settled here
+
+    async def _occupy(self, thread_id: str) -> Callable[[], None]:
+        """Count one more dispatched message of ``thread_id``; if the thread has
+        none in flight, wait for a share of ``max_active_turns`` first. Returns
+        what gives the message back (once, however often it is called)."""
+        turn = self._active.get(thread_id)
+        if turn is None:
+            turn = _Turn()
+            try:
+                self._shares.acquire_on_behalf_of_nowait(turn)
+            except anyio.WouldBlock:
+                if not self._saturated:
+                    self._saturated = True
+                    self._log.warning(
+                        "worker.saturated",
+                        active_turns=len(self._active),
+                        max_active_turns=self.max_active_turns,
+                    )
+                await self._shares.acquire_on_behalf_of(turn)
+            held = self._active.get(thread_id)
+            if held is None:
+                self._active[thread_id] = turn
+            else:  # another dispatch of the thread got a share while this one waited
+                self._shares.release_on_behalf_of(turn)
+                turn = held
+        turn.messages += 1
+        return _Once(functools.partial(self._vacate, thread_id, turn))
+
+    def _vacate(self, thread_id: str, turn: _Turn) -> None:
+        """One message of ``thread_id`` is settled: its last gives the share back."""
+        turn.messages -= 1
+        if turn.messages:
             return
-        await self.system.route(envelope.thread_id).put(envelope, reply)
+        if self._active.get(thread_id) is turn:
+            del self._active[thread_id]
+        self._shares.release_on_behalf_of(turn)
+        if self._saturated and not self._shares.statistics().tasks_waiting:
+            self._saturated = False
+            self._log.info(
+                "worker.unsaturated",
+                active_turns=len(self._active),
+                max_active_turns=self.max_active_turns,
+            )
 
     def _stall(self, thread_id: str) -> None:
         """Hold a thread's messages back until its failed one is redelivered.
@@ -519,10 +659,6 @@ class Worker(Generic[S]):
         for _, reply in actor.mailbox.drain():
             if reply is not None:
                 reply.fail(held)
-
-    max_deliveries: int = 5
-    """How many times an entry may be delivered (its owner dying or stopping
-    each time) before it is dead-lettered as poison."""
 
     _redelivered: set[str] | None = None
 
