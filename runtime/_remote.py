@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 import anyio
 import msgspec
@@ -50,6 +50,13 @@ from .agent._requests import ContextCodec
 
 S = TypeVar("S", bound=AgentState)
 
+DEFAULT_MAX_QUEUED: Final = 1000
+"""A thread's messages in the inbox not yet processed, past which a send is refused."""
+DEFAULT_MAX_BACKLOG: Final = 100_000
+"""A partition's inbox entries, past which a send is refused."""
+DEFAULT_REDIS_TIMEOUT: Final = 10.0
+"""Seconds an inbox call may take before it raises ``StoreUnavailableError``."""
+
 
 class Client(Generic[S]):
     """Reach threads served by workers on the Redis at ``url``.
@@ -57,7 +64,24 @@ class Client(Generic[S]):
     ``async with Client.from_url("redis://...") as client: await client.ask(...)``.
     ``state_schema`` is the agents' state class (to decode states; default
     ``AgentState``); ``prefix`` names the deployment (as the workers').
-    Context is validated by the worker that runs the agent.
+    Context is validated by the worker that runs the agent. Options:
+
+    * ``max_queued`` (default 1000): a send to a thread that already has this
+      many messages in the inbox not yet processed raises ``MailboxFullError``
+      (0: no cap).
+    * ``max_backlog`` (default 100,000): a send to a partition whose inbox holds
+      this many entries raises ``OverloadedError`` (0: no cap). Either refusal
+      appends nothing: try again later.
+    * ``redis_timeout`` (seconds, default 10; ``None``: as long as the
+      connection waits): how long each inbox call (a send, a read of the reply
+      stream beyond its own blocking wait) may take before it raises
+      ``StoreUnavailableError``.
+
+    The caps are checked by whoever sends, so every client of a deployment
+    should use the same. ``ask``, ``update_state`` and ``delete`` wait for
+    their reply as long as it takes unless given a ``timeout``. Other keyword
+    arguments are redis connection options (``max_connections``, ...). A bad
+    value raises ``ValueError``.
     """
 
     def __init__(
@@ -68,8 +92,23 @@ class Client(Generic[S]):
         prefix: str = "tl",
         max_message_bytes: int = 1 << 20,
         max_thread_id_length: int = 256,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        redis_timeout: float | None = DEFAULT_REDIS_TIMEOUT,
         **redis_options: Any,
     ) -> None:
+        for name, cap in (("max_queued", max_queued), ("max_backlog", max_backlog)):
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: no cap), got {cap!r}")
+        if redis_timeout is not None and (
+            isinstance(redis_timeout, bool)
+            or not isinstance(redis_timeout, (int, float))
+            or not redis_timeout > 0
+        ):
+            raise ValueError(f"redis_timeout must be positive or None, got {redis_timeout!r}")
+        self.max_queued = max_queued
+        self.max_backlog = max_backlog
+        self.redis_timeout = redis_timeout
         self.url = url
         self.prefix = prefix
         self.state_schema = state_schema
@@ -90,8 +129,23 @@ class Client(Generic[S]):
         self.layout: KeyLayout | None = None
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Client[Any]:
-        return cls(url, **options)
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        redis_timeout: float | None = DEFAULT_REDIS_TIMEOUT,
+        **options: Any,
+    ) -> Client[Any]:
+        """A client of the deployment at ``url``; the options are the constructor's."""
+        return cls(
+            url,
+            max_queued=max_queued,
+            max_backlog=max_backlog,
+            redis_timeout=redis_timeout,
+            **options,
+        )
 
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
@@ -99,7 +153,13 @@ class Client(Generic[S]):
                 open_redis(self.url, "Client", **self._options)
             )
             self.layout = await deployment_layout(client, self.prefix)
-            self._inbox = RedisInbox(client, self.layout)
+            self._inbox = RedisInbox(
+                client,
+                self.layout,
+                max_queued=self.max_queued,
+                max_backlog=self.max_backlog,
+                timeout=self.redis_timeout,
+            )
             self.snapshots = await stack.enter_async_context(
                 RedisSnapshotStore(client, prefix=self.prefix)
             )

@@ -81,7 +81,7 @@ queued before it is done (a lease is released only after its acks went out)."""
 
 
 def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
 
@@ -261,7 +261,10 @@ class Worker(Generic[S]):
         self._keeping: anyio.CancelScope | None = None
         self._active: dict[str, _Turn] = {}
         self._shares = anyio.CapacityLimiter(max_active_turns)
-        self._saturated = False
+        # A saturation: from the first dispatch that waits for a share to the
+        # first share left over; ``_waits`` counts the dispatches that waited.
+        self._saturated_since: float | None = None
+        self._waits = 0
         self._log: Any = get_logger().bind(worker=self.worker_id)
         self.layout: KeyLayout | None = None
 
@@ -281,7 +284,8 @@ class Worker(Generic[S]):
             self._membership = Membership(client, layout=self.layout, ttl_ms=self._ttl_ms)
             self._active.clear()
             self._shares = anyio.CapacityLimiter(self.max_active_turns)
-            self._saturated = False
+            self._saturated_since = None
+            self._waits = 0
             send, receive = anyio.create_memory_object_stream[Outbound](math.inf)
             self._outbound_queue = send
             tg = await stack.enter_async_context(anyio.create_task_group())
@@ -382,6 +386,11 @@ class Worker(Generic[S]):
     def in_flight(self) -> int:
         """Inbox messages this worker dispatched and has not settled yet."""
         return sum(turn.messages for turn in self._active.values())
+
+    @property
+    def saturated(self) -> bool:
+        """Whether a partition reader is waiting for a share of ``max_active_turns``."""
+        return self._shares.statistics().tasks_waiting > 0
 
     # -- leases and placement ------------------------------------------------------
 
@@ -607,8 +616,9 @@ class Worker(Generic[S]):
             try:
                 self._shares.acquire_on_behalf_of_nowait(turn)
             except anyio.WouldBlock:
-                if not self._saturated:
-                    self._saturated = True
+                self._waits += 1
+                if self._saturated_since is None:
+                    self._saturated_since = anyio.current_time()
                     self._log.warning(
                         "worker.saturated",
                         active_turns=len(self._active),
@@ -631,14 +641,18 @@ class Worker(Generic[S]):
             return
         if self._active.get(thread_id) is turn:
             del self._active[thread_id]
-        self._shares.release_on_behalf_of(turn)
-        if self._saturated and not self._shares.statistics().tasks_waiting:
-            self._saturated = False
+        self._shares.release_on_behalf_of(turn)  # to the next reader waiting, if any
+        if self._saturated_since is not None and self._shares.available_tokens > 0:
+            # A share is left over: the cap no longer binds. (A share that went
+            # straight to a waiting reader does not end the saturation.)
             self._log.info(
                 "worker.unsaturated",
-                active_turns=len(self._active),
+                seconds=round(anyio.current_time() - self._saturated_since, 3),
+                waits=self._waits,
                 max_active_turns=self.max_active_turns,
             )
+            self._saturated_since = None
+            self._waits = 0
 
     def _stall(self, thread_id: str) -> None:
         """Hold a thread's messages back until its failed one is redelivered.

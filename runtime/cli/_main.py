@@ -303,18 +303,27 @@ async def _threads(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> i
     return 0
 
 
-async def _worker(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
-    agent = load_app(args.app) if args.app else demo_agent()
-    async with Worker(
+def make_worker(args: argparse.Namespace, agent: Agent[Any]) -> Worker[Any]:
+    """The ``Worker`` that ``threadline worker`` runs, with its command-line options."""
+    return Worker(
         agent,
         args.redis,
         prefix=args.prefix,
         partitions=args.partitions,
         lease_ttl=args.lease_ttl,
-    ) as worker:
+        max_active_turns=args.max_active_turns,
+        max_deliveries=args.max_deliveries,
+        handoff_timeout=args.handoff_timeout,
+    )
+
+
+async def _worker(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    agent = load_app(args.app) if args.app else demo_agent()
+    async with make_worker(args, agent) as worker:
         print(
             f"worker {worker.worker_id} serving {args.app or 'the demo agent'} "
-            f"from {args.redis} ({worker.layout.partitions if worker.layout else '?'} partitions)",
+            f"from {args.redis} ({worker.layout.partitions if worker.layout else '?'} partitions, "
+            f"at most {worker.max_active_turns} active turns)",
             file=stdout,
             flush=True,
         )
@@ -443,6 +452,28 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], Awaitable[in
 # -- the command line ----------------------------------------------------------------
 
 
+def _count(text: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="threadline",
@@ -516,10 +547,34 @@ def _parser() -> _Parser:
     )
     worker.add_argument(
         "--lease-ttl",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="how long a crashed worker's partitions wait for a new owner (default 10)",
+    )
+    worker.add_argument(
+        "--max-active-turns",
+        type=_count,
+        default=256,
+        metavar="N",
+        help="the most threads with a turn in flight at once; at the cap the worker "
+        "stops reading its inboxes until one ends (default 256)",
+    )
+    worker.add_argument(
+        "--max-deliveries",
+        type=_count,
+        default=5,
+        metavar="N",
+        help="deliveries of a message (its worker dying each time) before it is "
+        "dead-lettered as poison and its turn aborted (default 5)",
+    )
+    worker.add_argument(
+        "--handoff-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a partition moving to another worker waits for its turns in "
+        "flight (default 30)",
     )
     workers = sub.add_parser(
         "workers",
