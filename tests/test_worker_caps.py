@@ -305,18 +305,25 @@ async def test_the_share_comes_back_when_a_poison_entry_is_dead_lettered(
         assert worker.active_turns == worker.in_flight == 0
 
 
+@pytest.mark.parametrize("mailbox_capacity", [1000, 1])
 async def test_the_shares_come_back_when_a_thread_is_stalled(
-    redis_server: RedisServer, redis_prefix: str
+    redis_server: RedisServer, redis_prefix: str, mailbox_capacity: int
 ) -> None:
     """A fenced commit stalls the thread: the messages queued behind its turn
     are handed back to the inbox (each gives its count back once), the
-    partition is claimed again and all of them are served in order."""
+    partition is claimed again and all of them are served in order. With a
+    mailbox of one, the third message waits for room in the mailbox when the
+    thread stalls: it must go back to the inbox too, not run before the
+    second."""
     holds = Holds()
     thread = "stalled"
-    async with serving(holds.agent(), redis_server.url, redis_prefix, max_active_turns=1) as (
-        worker,
-        client,
-    ):
+    async with serving(
+        holds.agent(),
+        redis_server.url,
+        redis_prefix,
+        max_active_turns=1,
+        mailbox_capacity=mailbox_capacity,
+    ) as (worker, client):
         await client.tell(thread, f"hold {thread}", message_id="s-0")
         await client.tell(thread, "one", message_id="s-1")
         await client.tell(thread, "two", message_id="s-2")
