@@ -602,6 +602,11 @@ class Worker(Generic[S]):
                 return
             await self.system.route(envelope.thread_id).put(envelope, reply)
             handed = True  # the thread settles the reply, on every path
+            if thread_id in self._stalled:
+                # Stalled while this waited for room in the mailbox (the drain
+                # made the room): back to the inbox with the rest, before the
+                # thread runs it ahead of the messages handed back.
+                self._stall(thread_id)
         finally:
             if not handed:
                 done()  # a no-op if the reply was settled here

@@ -330,9 +330,16 @@ async def test_the_shares_come_back_when_a_thread_is_stalled(
         await until(lambda: holds.started == [thread] and worker.in_flight == 3)
         assert worker.active_turns == 1
         await client.snapshots.acquire(thread)  # another owner: the next commit is fenced
-        holds.open(thread)
-        result = await client.ask(thread, "three", timeout=30)
+        with structlog.testing.capture_logs() as logs:
+            holds.open(thread)
+            result = await client.ask(thread, "three", timeout=30)
         assert result.text == "echo: three"
+        # Fenced once; activated again only once the partition was claimed again
+        # (the third message, run ahead, activated the thread in between).
+        seen = [
+            e["event"] for e in logs if e["event"] in ("thread.store_error", "thread.activated")
+        ]
+        assert seen == ["thread.store_error", "thread.activated"], logs
         consumed = [s.consumed for s in await client.history(thread) if s.consumed]
         assert consumed == ["s-0", "s-1", "s-2", result.message_id]
         assert worker.active_turns == worker.in_flight == 0
