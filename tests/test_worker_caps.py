@@ -349,28 +349,35 @@ async def test_the_shares_come_back_when_a_thread_is_stalled(
 async def test_a_partition_handed_over_gives_its_shares_back(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Worker A is at its cap (8 threads, one per partition, each turn held, one
-    message queued behind each); B joins and half the partitions move. A hands
-    the queued messages of the moving ones back, wakes each held turn's end
-    (a wake is not an inbox message: it needs no share, or the handoff would
-    wait on the cap), and every message is served once, by A or B."""
+    """Worker A is at its cap: 8 threads, one per partition, each turn held,
+    one message queued behind it (a mailbox of one) and one more that the
+    partition's reader waits to put. B joins and about half the partitions
+    move. For each moving one A stops the reader (the put it waited in is
+    cancelled: its count comes back), hands the queued message back, and
+    waits for the held turn's end with a wake (not an inbox message: it needs
+    no share, or the handoff would wait on the cap); every message is served
+    once, in order, by A or B."""
     holds = Holds()
     layout = await create_deployment(redis_server.url, redis_prefix)
     threads = [thread_in(layout, p, "moving")[0] for p in range(PARTITIONS)]
     url, prefix = redis_server.url, redis_prefix
-    async with serving(holds.agent(), url, prefix, max_active_turns=PARTITIONS) as (a, client):
+    async with serving(
+        holds.agent(), url, prefix, max_active_turns=PARTITIONS, mailbox_capacity=1
+    ) as (a, client):
         for t in threads:
             await client.tell(t, f"hold {t}", message_id=f"{t}-0")
             await client.tell(t, "queued", message_id=f"{t}-1")
-        await until(lambda: len(holds.started) == PARTITIONS and a.in_flight == 2 * PARTITIONS)
+            await client.tell(t, "waiting", message_id=f"{t}-2")
+        await until(lambda: len(holds.started) == PARTITIONS and a.in_flight == 3 * PARTITIONS)
         assert a.active_turns == PARTITIONS
         async with (
             Worker(holds.agent(), url, prefix=prefix, lease_ttl=1.0, shutdown_timeout=2.0) as b,
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(b.serve)
-            # The moving partitions' queued messages are handed back at once.
-            await until(lambda: bool(a._handing_off) and a.in_flight < 2 * PARTITIONS)
+            # The moving partitions' waiting and queued messages come back at once.
+            await until(lambda: bool(a._handing_off) and a.in_flight < 3 * PARTITIONS)
+            await until(lambda: a.in_flight == 3 * PARTITIONS - 2 * len(a._handing_off))
             holds.open(*threads)
             await until(
                 lambda: len(a.partitions) + len(b.partitions) == PARTITIONS > len(a.partitions)
@@ -378,7 +385,7 @@ async def test_a_partition_handed_over_gives_its_shares_back(
             for t in threads:
                 assert (await client.ask(t, "after", timeout=30)).text == "echo: after"
                 consumed = [s.consumed for s in await client.history(t) if s.consumed]
-                assert consumed[:2] == [f"{t}-0", f"{t}-1"] and len(consumed) == 3
+                assert consumed[:3] == [f"{t}-0", f"{t}-1", f"{t}-2"] and len(consumed) == 4
             assert a.active_turns == a.in_flight == b.active_turns == b.in_flight == 0
             tg.cancel_scope.cancel()
 
