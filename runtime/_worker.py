@@ -210,8 +210,11 @@ class Worker(Generic[S]):
       settled (answered, failed, dead-lettered, or handed back to the inbox);
       messages queued behind its turn take no other share, so a hot thread
       never starves the others. At the cap the partition readers stop reading
-      until a share comes back (``worker.saturated`` is logged once each time).
-      ``active_turns`` is the current count, ``in_flight`` the messages.
+      until a share comes back. ``worker.saturated`` is logged (a warning) when
+      a reader first has to wait, ``worker.unsaturated`` once a share is left
+      free again: once per saturation, however many messages waited.
+      ``active_turns`` is the current count, ``in_flight`` the messages,
+      ``saturated`` whether a reader waits.
     * ``max_deliveries`` (default 5): how many times an entry may be delivered
       (its owner dying or stopping each time) before it is dead-lettered as
       poison and a turn it left parked is aborted.
