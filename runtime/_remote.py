@@ -78,10 +78,10 @@ class Client(Generic[S]):
       ``StoreUnavailableError``.
 
     The caps are checked by whoever sends, so every client of a deployment
-    should use the same. ``ask``, ``update_state`` and ``delete`` wait for
-    their reply as long as it takes unless given a ``timeout``. Other keyword
-    arguments are redis connection options (``max_connections``, ...). A bad
-    value raises ``ValueError``.
+    should use the same. ``ask`` and ``update_state`` wait for their reply as
+    long as it takes unless given a ``timeout`` (``stream`` and ``delete``
+    take none). Other keyword arguments are redis connection options
+    (``max_connections``, ...). A bad value raises ``ValueError``.
     """
 
     def __init__(
