@@ -84,6 +84,17 @@ async def blocked_on_xread(client: redis.asyncio.Redis, name: str) -> bool:
     return False
 
 
+async def readers_waiting(client: redis.asyncio.Redis, n: int = PARTITIONS) -> None:
+    """Until ``n`` inbox readers are blocked in their doorbell XREAD (past their reads:
+    a lease stolen now is noticed by the next entry, not by a read already under way)."""
+    with anyio.fail_after(10):
+        while (
+            sum(e.get("cmd") == "xread" and "b" in e["flags"] for e in await client.client_list())
+            < n
+        ):
+            await anyio.sleep(0.01)
+
+
 # -- the fence ------------------------------------------------------------------------
 
 
@@ -328,6 +339,7 @@ async def test_a_worker_whose_lease_is_gone_reads_nothing_more_and_gives_the_par
             with anyio.fail_after(10):  # acknowledged (after the reply): the reader waits
                 while await raw.xlen(inbox):
                     await anyio.sleep(0.01)
+            await readers_waiting(raw)
             await steal(raw, layout)
             await client.tell(thread, "after", message_id="after")  # rings the reader's bell
             with anyio.fail_after(10):
@@ -372,6 +384,7 @@ async def test_a_worker_whose_lease_is_gone_leaves_its_entries_pending_for_the_n
                     await anyio.sleep(0.01)
             [(entry_id, fields)] = await raw.xrange(inbox)
             entry = StreamEntry(entry_id.decode(), fields[b"e"], 1, thread)
+            await readers_waiting(raw)
             await steal(raw, layout)
             # Still held as far as the worker knows: refused by the scripts' fence.
             await worker._ack(P, [entry.entry_id])
@@ -426,12 +439,7 @@ async def test_an_idle_worker_blocks_on_the_doorbell_instead_of_polling(
         for p in range(PARTITIONS):  # every reader past its claim and first read
             thread = thread_in(client._inbox.layout, p)
             assert (await client.ask(thread, "hi", timeout=30)).text == "echo: hi"
-        with anyio.fail_after(10):
-            while (
-                sum(e.get("cmd") == "xread" and "b" in e["flags"] for e in await raw.client_list())
-                < PARTITIONS
-            ):
-                await anyio.sleep(0.01)
+        await readers_waiting(raw)
         before = await command_calls(raw)
         await anyio.sleep(1.5)  # the window measured (the tick runs every 12 s)
         after = await command_calls(raw)
