@@ -21,7 +21,6 @@ import shlex
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
-import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
@@ -29,7 +28,7 @@ from threadline.actors import SnapshotFormatError
 
 from ._leases import AnyRedis
 from ._partitions import KeyLayout, escape_key_id
-from ._redis_client import client_from_url, close_client, mapped
+from ._redis_client import any_client_from_url, close_client, mapped
 
 DEPLOYMENT_PARTITIONS: Final = 64
 """The partition count a new deployment gets: 64 is ample for a handful of
@@ -46,9 +45,10 @@ SCAN_COUNT: Final = 1000
 
 
 @contextlib.asynccontextmanager
-async def open_redis(url: str, what: str, **options: Any) -> AsyncIterator[redis.asyncio.Redis]:
-    """A client for ``url``, closed on exit (``options`` as for ``client_from_url``)."""
-    client = client_from_url(url, what, **options)
+async def open_redis(url: str, what: str, **options: Any) -> AsyncIterator[AnyRedis]:
+    """A client for ``url``, closed on exit (``options`` as for ``any_client_from_url``:
+    ``redis+cluster://`` gives a Redis Cluster client)."""
+    client = any_client_from_url(url, what, **options)
     try:
         yield client
     finally:

@@ -16,6 +16,8 @@ from threadline.actors import StoreUnavailableError
 __all__ = [
     "check_prefix",
     "close_client",
+    "CLUSTER_SCHEMES",
+    "any_client_from_url",
     "client_from_url",
     "mapped",
     "store_client",
@@ -69,6 +71,25 @@ def client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis:
     kwargs.setdefault("timeout", 30.0)
     pool = redis.asyncio.BlockingConnectionPool.from_url(url, **kwargs)
     return redis.asyncio.Redis.from_pool(pool)  # the client owns (and closes) the pool
+
+
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name a node of a Redis Cluster (``redis+cluster://host:port``):
+the client discovers the other nodes from it."""
+
+
+def any_client_from_url(url: str, store: str, **kwargs: Any) -> redis.asyncio.Redis | RedisCluster:
+    """``client_from_url``, or for ``redis+cluster://`` (``rediss+cluster://``) a
+    Redis Cluster client, whose ``max_connections`` (default 64) bounds each
+    node's pool."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in CLUSTER_SCHEMES:
+        return client_from_url(url, store, **kwargs)
+    if kwargs.get("decode_responses"):
+        raise ValueError(f"{store} needs decode_responses=False")
+    kwargs.pop("timeout", None)  # a blocking-pool option: a cluster's pools have none
+    kwargs.setdefault("max_connections", 64)
+    return RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}", **kwargs)
 
 
 async def close_client(client: redis.asyncio.Redis | RedisCluster) -> None:

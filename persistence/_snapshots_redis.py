@@ -82,7 +82,7 @@ from ._deployment import deployment_layout
 from ._leases import AnyRedis
 from ._lifecycle import ExcInfo, Reentrant
 from ._partitions import KeyLayout
-from ._redis_client import check_prefix, client_from_url, close_client, mapped, store_client
+from ._redis_client import any_client_from_url, check_prefix, close_client, mapped, store_client
 from ._snapshots import (
     AcquireRequest,
     CommitRequest,
@@ -354,13 +354,13 @@ class RedisSnapshotStore(Reentrant):
     def from_url(
         cls, url: str, *, prefix: str = "threadline", max_batch: int = 512, **kwargs: Any
     ) -> Self:
-        """A store on a client made from ``url`` (``redis://``, ``rediss://``, ``unix://``).
+        """A store on a client made from ``url`` (``redis://``, ``rediss://``,
+        ``unix://``; ``redis+cluster://host:port``, a node of a Redis Cluster).
 
-        ``kwargs`` go to ``redis.asyncio.Redis.from_url``. The store owns the
-        client and closes it on exit. For a Redis Cluster, pass a
-        ``RedisCluster`` client to the constructor instead.
+        ``kwargs`` are the client's connection options. The store owns the
+        client and closes it on exit.
         """
-        client = client_from_url(url, "RedisSnapshotStore", **kwargs)
+        client = any_client_from_url(url, "RedisSnapshotStore", **kwargs)
         store = cls(client, prefix=prefix, max_batch=max_batch)
         store._owns_client = True
         return store

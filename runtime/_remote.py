@@ -20,7 +20,6 @@ from typing import Any, Final, Generic, Self, TypeVar
 
 import anyio
 import msgspec
-import redis.asyncio
 
 from threadline.actors import AgentState
 from threadline.actors._api import (
@@ -149,7 +148,7 @@ class Client(Generic[S]):
 
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
-            client: redis.asyncio.Redis = await stack.enter_async_context(
+            client = await stack.enter_async_context(
                 open_redis(self.url, "Client", **self._options)
             )
             self.layout = await deployment_layout(client, self.prefix)

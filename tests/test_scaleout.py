@@ -44,6 +44,7 @@ from threadline.persistence import (
 )
 from threadline.runtime import Agent, Client, ModelRequest, ScriptedModel, Worker
 
+from ._cluster import RedisClusterProcesses
 from ._faults import Lines
 from ._history import History, check
 from ._scaleout_worker import make_agent, message_text
@@ -701,6 +702,36 @@ async def test_f4_a_stopped_worker_commits_nothing_after_its_lease_and_its_turn_
     tool_steps = [s for s in histories[thread] if s.kind == "tools"]
     assert len(tool_steps) == 1
     print(f"F4: {figures}")
+
+
+# -- the whole deployment on a Redis Cluster -------------------------------------------
+
+
+async def test_workers_and_a_client_on_a_redis_cluster_lose_nothing_when_a_worker_dies(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str, tmp_path: Path
+) -> None:
+    """Two worker processes and a client on the 3-node Cluster
+    (``redis+cluster://``): every script of the inbox, the leases and the
+    snapshot store runs there; one worker is SIGKILLed under load and the
+    other takes its partitions over."""
+    host, port = redis_cluster.startup
+    url, prefix, P = f"redis+cluster://{host}:{port}", redis_prefix, 8
+    threads = [f"c-{k}" for k in range(6)]
+    with (
+        workers_of(url, prefix, P, tmp_path) as workers,
+        History(tmp_path / "history.jsonl") as history,
+        anyio.fail_after(120),
+    ):
+        await workers.start(2)
+        async with Client(url, prefix=prefix) as client:
+            workload = Workload(client, history, threads)
+            async with running(workload):
+                await workload.wait_for(30)
+                workers.kill(workers.live[0])
+                await workload.wait_for(30)
+            histories = await workload.histories()
+    figures = judge(history, histories, "cluster")
+    print(f"cluster: errors {dict(workload.errors)}; {figures}")
 
 
 # -- F6: a client dies right after tell returns ---------------------------------------------

@@ -1414,3 +1414,22 @@ async def test_redis_cluster_lost_reply_is_outcome_unknown_not_resent(
             await store.commit(req("lost", loaded.version, epoch))
     finally:
         await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_redis_cluster_url_opens_a_cluster_store(
+    redis_cluster: RedisClusterProcesses, redis_prefix: str
+) -> None:
+    from threadline.persistence import open_snapshot_store
+
+    host, port = redis_cluster.startup
+    store = open_snapshot_store(f"redis+cluster://{host}:{port}")
+    assert isinstance(store, RedisSnapshotStore) and isinstance(store._client, RedisCluster)
+    store = RedisSnapshotStore.from_url(f"redis+cluster://{host}:{port}", prefix=redis_prefix)
+    async with store:
+        for thread_id in ("a", "b", "c", "d"):  # spread over the nodes
+            epoch = await store.acquire(thread_id)
+            await store.commit(req(thread_id, 0, epoch))
+        assert await store.threads() == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisSnapshotStore.from_url(f"redis+cluster://{host}:{port}", decode_responses=True)
