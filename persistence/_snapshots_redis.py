@@ -657,42 +657,17 @@ class RedisSnapshotStore(Reentrant):
 
     async def _send(self, batch: Sequence[_Request]) -> list[Any]:
         """One pipeline for the batch; one reply (or error) per request."""
-        commit_sha, acquire_sha = self._commit_script.sha, self._acquire_script.sha
-        enqueue_sha = self._enqueue_script.sha
         refused: dict[int, FencedError] = {}  # index in batch -> refused here, not sent
         async with self._client.pipeline(transaction=False) as pipe:
             for n, r in enumerate(batch):
-                if isinstance(r, EnqueueRequest):
-                    inbox, told, _ = self._inbox_keys(r.thread_id)
-                    pipe.evalsha(enqueue_sha, 2, inbox, told, r.message_id, r.envelope)
-                    # After the script, as for a first commit (a racing delete
-                    # sees the entry and keeps the index entry).
-                    pipe.sadd(self._index, r.thread_id)
+                call = self._call(r)
+                if isinstance(call, FencedError):
+                    refused[n] = call
                     continue
-                head, steps, full = self._keys(r.thread_id)
-                lease, token, partition = self._fence(r.thread_id)
-                if token is None:
-                    what = "activation" if isinstance(r, AcquireRequest) else "commit"
-                    refused[n] = _lease_lost(r.thread_id, partition, what)
-                    continue
-                if isinstance(r, AcquireRequest):
-                    pipe.evalsha(acquire_sha, 2, head, lease, token)
-                    continue
-                inbox, told, _ = self._inbox_keys(r.thread_id)
-                args: list[bytes | int | str] = [
-                    r.expected_version,
-                    r.epoch,
-                    r.step,
-                    r.turn or "",
-                    r.consumed or "",
-                    token,
-                ]
-                if r.full is not None:
-                    args.append(r.full)
-                pipe.evalsha(commit_sha, 6, head, steps, full, inbox, told, lease, *args)
-                if r.expected_version == 0:
-                    # After the script: a delete that races with this first
-                    # commit sees the new head and keeps the index entry.
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                if _indexes(r):
+                    # After the script: a delete that races with this first commit
+                    # (or enqueue) sees the new head (or entry) and keeps the index entry.
                     pipe.sadd(self._index, r.thread_id)
             raw = await pipe.execute(raise_on_error=False) if len(refused) < len(batch) else []
         replies: list[Any] = []
@@ -703,10 +678,7 @@ class RedisSnapshotStore(Reentrant):
                 continue
             reply = raw[i]
             i += 1
-            indexed_too = isinstance(r, EnqueueRequest) or (
-                isinstance(r, CommitRequest) and r.expected_version == 0
-            )
-            if indexed_too:
+            if _indexes(r):
                 indexed = raw[i]
                 i += 1
                 if isinstance(indexed, Exception) and not isinstance(reply, Exception):

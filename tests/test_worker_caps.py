@@ -8,14 +8,13 @@ the one that checks the ``threadline worker`` command line end to end.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import signal
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from threadline.persistence import (
 from threadline.runtime.cli._main import _parser, demo_agent, main, make_worker
 
 from .conftest import RedisServer
+from .test_scaleout_inbox import serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -98,22 +98,6 @@ class Holds:
             return f"echo: {text}"
 
         return Agent(model=ScriptedModel(respond), tools=[hold])
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    agent: Agent[Any], url: str, prefix: str, **options: Any
-) -> AsyncIterator[tuple[Worker[Any], Client[Any]]]:
-    """An in-process worker serving ``agent`` and a client, on ``url`` under ``prefix``."""
-    options.setdefault("shutdown_timeout", 2.0)
-    async with (
-        Worker(agent, url, prefix=prefix, partitions=PARTITIONS, lease_ttl=1.0, **options) as w,
-        anyio.create_task_group() as tg,
-    ):
-        tg.start_soon(w.serve)
-        async with Client(url, prefix=prefix) as client:
-            yield w, client
-        tg.cancel_scope.cancel()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
