@@ -25,10 +25,12 @@ from ._errors import SnapshotCorruptError as SnapshotCorruptError
 from ._errors import SnapshotFormatError as SnapshotFormatError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import SystemClosedError as SystemClosedError
+from ._errors import ThreadExistsError as ThreadExistsError
 from ._errors import ThreadlineError as ThreadlineError
 from ._errors import ThreadNotFoundError as ThreadNotFoundError
 from ._errors import ToolCallLimitExceededError as ToolCallLimitExceededError
 from ._errors import TurnFailedError as TurnFailedError
+from ._errors import VersionNotFoundError as VersionNotFoundError
 from ._messages import REMOVE_ALL_MESSAGES as REMOVE_ALL_MESSAGES
 from ._messages import AIMessage as AIMessage
 from ._messages import AnyMessage as AnyMessage
@@ -84,12 +86,14 @@ __all__ = (
     "StoreUnavailableError",
     "SystemClosedError",
     "SystemMessage",
+    "ThreadExistsError",
     "ThreadNotFoundError",
     "ThreadlineError",
     "ToolCall",
     "ToolCallLimitExceededError",
     "ToolMessage",
     "TurnFailedError",
+    "VersionNotFoundError",
     "add_messages",
     "apply_update",
     "coerce_message",

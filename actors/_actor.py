@@ -24,14 +24,16 @@ import structlog
 from ._envelope import Envelope, Reply
 from ._errors import (
     FencedError,
+    InvalidUpdateError,
     PersistenceError,
     SystemClosedError,
+    ThreadExistsError,
     ThreadlineError,
     TurnFailedError,
 )
 from ._logging import get_logger
 from ._mailbox import Mailbox, MailboxStatistics
-from ._messages import AIMessage, AnyMessage
+from ._messages import REMOVE_ALL_MESSAGES, AIMessage, AnyMessage, RemoveMessage
 from ._records import Recovered, TurnCursor
 from ._state import AgentState, apply_update, initial_state
 
@@ -145,9 +147,16 @@ class Journal(Protocol[S]):
         consumed: str | None = None,
         recent: Sequence[str] = (),
         error: str | None = None,
+        at: int | None = None,
+        parent: str | None = None,
     ) -> None: ...
 
     async def delete(self) -> bool: ...
+
+    async def state_at(self, thread_id: str, version: int | None) -> Recovered[S]:
+        """``version`` of a thread as stored (None: its latest); ``ThreadNotFoundError``,
+        ``VersionNotFoundError``."""
+        ...
 
 
 Delivery = tuple[Envelope, "Reply | None"]
@@ -320,8 +329,10 @@ class ThreadActor(Generic[S]):
                         raise
             if envelope.kind == "input":
                 await self._input(envelope, reply)
-            elif envelope.kind == "update":
+            elif envelope.kind in ("update", "revert"):
                 await self._update(envelope, reply)
+            elif envelope.kind == "fork":
+                await self._fork(envelope, reply)
             elif envelope.kind == "delete":
                 await self._delete(envelope, reply)
             elif reply is not None:  # "wake": the activation above was the point
@@ -403,18 +414,31 @@ class ThreadActor(Generic[S]):
         *,
         consumed: str | None = None,
         error: str | None = None,
+        at: int | None = None,
+        parent: str | None = None,
     ) -> None:
         if consumed is not None:
             self._recent = (*self._recent, consumed)[-self._ctx.keep_consumed :]
-        await self._journal.commit(
-            kind=kind,
-            updates=updates,
-            state=state,
-            turn=turn,
-            consumed=consumed,
-            recent=self._recent,
-            error=error,
-        )
+        if at is None:  # (the hot path passes what it always did)
+            await self._journal.commit(
+                kind=kind,
+                updates=updates,
+                state=state,
+                turn=turn,
+                consumed=consumed,
+                recent=self._recent,
+                error=error,
+            )
+        else:
+            await self._journal.commit(
+                kind=kind,
+                updates=updates,
+                state=state,
+                turn=turn,
+                recent=self._recent,
+                at=at,
+                parent=parent,
+            )
         self.state, self.turn = state, turn
         version = self._journal.version
         self._ctx.log.debug("step.committed", version=version, kind=kind)
@@ -511,23 +535,75 @@ class ThreadActor(Generic[S]):
             reply.resolve(self._result(envelope))
 
     async def _update(self, envelope: Envelope, reply: Reply | None) -> None:
-        schema = self._ctx.behavior.state_schema
-        state = (
-            initial_state(schema, envelope.update)
-            if self.state is None
-            else apply_update(self.state, envelope.update)
-        )
-        await self._commit("update", [envelope.update], state, self.turn, reply)
+        """``update``: one step through the reducers. With ``at`` (and for a
+        ``revert``), the step starts from the state of version ``at``: its
+        first update replaces the whole state with that one, so the history
+        stays linear (nothing is rewritten) and replays exactly."""
+        if envelope.at is None and envelope.kind == "update":
+            schema = self._ctx.behavior.state_schema
+            state = (
+                initial_state(schema, envelope.update)
+                if self.state is None
+                else apply_update(self.state, envelope.update)
+            )
+            await self._commit("update", [envelope.update], state, self.turn, reply)
+        else:
+            if envelope.at is None:
+                raise InvalidUpdateError("revert: the version to revert to is missing")
+            base = await self._past(self.thread_id, envelope.at)
+            state = apply_update(base, envelope.update)
+            updates = [replacement(base)]
+            if envelope.update:
+                updates.append(envelope.update)
+            await self._commit(envelope.kind, updates, state, self.turn, reply, at=envelope.at)
         await self._acknowledge(envelope)
         if reply is not None:
-            reply.resolve(
-                ThreadSnapshot(
-                    thread_id=self.thread_id,
-                    version=self.version,
-                    state=state,
-                    next=None if self.turn is None else self.turn.next,
-                )
+            reply.resolve(self._snapshot())
+
+    async def _fork(self, envelope: Envelope, reply: Reply | None) -> None:
+        """``fork``: this (new) thread starts as a copy of version ``at`` of ``source``."""
+        if self.state is not None or self._journal.version:
+            raise ThreadExistsError(
+                f"cannot fork into thread {self.thread_id!r}: it exists (version "
+                f"{self._journal.version}); fork into a new thread id"
             )
+        source = envelope.source
+        if source is None:
+            raise InvalidUpdateError("fork: the thread to fork from is missing")
+        recovered = await self._journal.state_at(source, envelope.at)
+        state = self._settled(source, recovered)
+        await self._commit(
+            "fork", [replacement(state)], state, None, reply, at=recovered.version, parent=source
+        )
+        await self._acknowledge(envelope)
+        if reply is not None:
+            reply.resolve(self._snapshot())
+
+    async def _past(self, thread_id: str, version: int) -> S:
+        return self._settled(thread_id, await self._journal.state_at(thread_id, version))
+
+    @staticmethod
+    def _settled(thread_id: str, recovered: Recovered[S]) -> S:
+        """The state of a past version, which must end a turn: one taken from the
+        middle of a turn would carry a half-done step (an AI message whose tool
+        calls have no answers)."""
+        if recovered.turn is not None:
+            raise InvalidUpdateError(
+                f"version {recovered.version} of thread {thread_id!r} is in the middle of a "
+                f"turn (its next step is {recovered.turn.next!r}); use a version where a turn "
+                "had ended"
+            )
+        assert recovered.state is not None
+        return recovered.state
+
+    def _snapshot(self) -> ThreadSnapshot[S]:
+        assert self.state is not None
+        return ThreadSnapshot(
+            thread_id=self.thread_id,
+            version=self.version,
+            state=self.state,
+            next=None if self.turn is None else self.turn.next,
+        )
 
     async def _delete(self, envelope: Envelope, reply: Reply | None) -> None:
         existed = await self._journal.delete()
@@ -537,6 +613,17 @@ class ThreadActor(Generic[S]):
         await self._acknowledge(envelope)
         if reply is not None:
             reply.resolve(existed)
+
+
+def replacement(state: AgentState) -> dict[str, Any]:
+    """An update that, through the reducers, makes any state equal to ``state``:
+    every field, and the messages after a ``RemoveMessage(REMOVE_ALL_MESSAGES)``
+    (which drops every message before it, including ones added since)."""
+    update: dict[str, Any] = {
+        name: getattr(state, name) for name in state.__struct_fields__ if name != "messages"
+    }
+    update["messages"] = [RemoveMessage(id=REMOVE_ALL_MESSAGES), *state.messages]
+    return update
 
 
 def stream_modes(mode: str | Sequence[str]) -> frozenset[str]:

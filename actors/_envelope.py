@@ -16,14 +16,17 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-EnvelopeKind = Literal["input", "update", "delete", "wake"]
+EnvelopeKind = Literal["input", "update", "revert", "fork", "delete", "wake"]
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One message for one thread actor, serializable.
 
     ``kind`` is ``"input"`` (start a turn), ``"update"`` (apply a state update
-    as one step), ``"delete"``, or ``"wake"`` (activate the thread, which resumes
+    as one step; with ``at``, to the state of version ``at``), ``"revert"``
+    (one step that makes the state that of version ``at`` again), ``"fork"``
+    (create the thread from version ``at`` of thread ``source``),
+    ``"delete"``, or ``"wake"`` (activate the thread, which resumes
     a turn parked mid-way, and nothing more). ``update`` holds the validated state update
     (for an input: ``{"messages": [...]}`` plus any other fields); ``context``
     the static runtime context as builtins. ``run_id`` names the run the
@@ -40,6 +43,8 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     run_id: str | None = None
     modes: tuple[str, ...] = ()
     reply_to: str | None = None
+    at: int | None = None
+    source: str | None = None
 
 
 class Reply:

@@ -31,7 +31,10 @@
     │   │                            layout to migrate (threadline migrate) or a newer one
     │   ├── ItemCorruptError         an undecodable store item, a damaged SQLite file
     │   └── StoreUnavailableError    the backend failed (I/O error, connection refused, ...)
-    └── ThreadNotFoundError          no such thread
+    ├── ThreadNotFoundError          no such thread
+    │   └── VersionNotFoundError     the thread has no such version (get_state(version=),
+    │                                revert, update_state(at=), fork(at=))
+    └── ThreadExistsError            fork onto a thread id that already has state
 
 This module is the one home of the tree; it lives in ``threadline.actors``
 because everything else imports that package. ``threadline`` re-exports every
@@ -142,6 +145,14 @@ class ItemCorruptError(PersistenceError):
 
 class ThreadNotFoundError(ThreadlineError, LookupError):
     """No thread with this id exists."""
+
+
+class VersionNotFoundError(ThreadNotFoundError):
+    """The thread exists but has no such version: below 1 or past its latest step."""
+
+
+class ThreadExistsError(ThreadlineError):
+    """``fork`` was asked to create a thread whose id already has committed state."""
 
 
 class ModelError(ThreadlineError):

@@ -41,6 +41,14 @@ class StepRecord(msgspec.Struct, Generic[P], frozen=True, kw_only=True, array_li
     ``version`` is the thread's version after the step. ``turn`` is the turn
     still in flight after it (None once the turn is over). ``consumed`` is the
     id of the message this step consumed (input steps), for de-duplication.
+
+    ``at`` is the version whose state the step started from instead of the
+    previous one (``revert``, ``update_state(at=)``, ``fork``), and ``parent``
+    the thread it was taken from when that is another thread (``fork``). Such
+    a step's first update replaces the whole state (every field, and the
+    messages after a ``RemoveMessage(REMOVE_ALL_MESSAGES)``), so replaying
+    the step through the reducers gives that state exactly. (Both are
+    trailing fields: records written before them decode with None.)
     """
 
     version: int
@@ -50,16 +58,26 @@ class StepRecord(msgspec.Struct, Generic[P], frozen=True, kw_only=True, array_li
     turn: TurnCursor | None = None
     consumed: str | None = None
     error: str | None = None
+    at: int | None = None
+    parent: str | None = None
 
 
 class FullRecord(msgspec.Struct, Generic[S], frozen=True, kw_only=True, array_like=True):
-    """The whole state at ``version``; replay of later steps starts from here."""
+    """The whole state at ``version``; replay of later steps starts from here.
+
+    ``ts`` is the ``ts`` of the step record of the same version (written in
+    the same commit), which lets a reader check that the two belong together.
+    ``span`` is the journal's bookkeeping for which full records to keep (the
+    step bytes since the last full record kept before this one); None in
+    records written before it existed.
+    """
 
     version: int
     state: S
     consumed: list[str]
     ts: float
     turn: TurnCursor | None = None
+    span: int | None = None
 
 
 class Recovered(msgspec.Struct, Generic[S], kw_only=True):
@@ -72,7 +90,7 @@ class Recovered(msgspec.Struct, Generic[S], kw_only=True):
 
 
 class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """One entry of a thread's history."""
+    """One entry of a thread's history (``at``, ``parent``: see ``StepRecord``)."""
 
     version: int
     kind: str
@@ -81,3 +99,5 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
     turn: TurnCursor | None = None
     consumed: str | None = None
     error: str | None = None
+    at: int | None = None
+    parent: str | None = None

@@ -28,6 +28,7 @@ from ._items_redis import RedisStore as RedisStore
 from ._items_sqlite import SqliteStore as SqliteStore
 from ._journal import ThreadJournal as ThreadJournal
 from ._journal import load_thread as load_thread
+from ._journal import load_version as load_version
 from ._journal import read_history as read_history
 from ._leases import FENCE_CHECK_LUA as FENCE_CHECK_LUA
 from ._leases import Lease as Lease
@@ -52,6 +53,7 @@ from ._snapshots import MemorySnapshotStore as MemorySnapshotStore
 from ._snapshots import RecoverableThread as RecoverableThread
 from ._snapshots import SnapshotStore as SnapshotStore
 from ._snapshots import StoredThread as StoredThread
+from ._snapshots import StoredVersion as StoredVersion
 from ._snapshots_redis import RedisSnapshotStore as RedisSnapshotStore
 from ._snapshots_sqlite import SqliteSnapshotStore as SqliteSnapshotStore
 
@@ -92,6 +94,7 @@ __all__ = (
     "Store",
     "StoreUnavailableError",
     "StoredThread",
+    "StoredVersion",
     "StreamEntry",
     "ThreadJournal",
     "assign_partitions",
@@ -100,6 +103,7 @@ __all__ = (
     "encode_envelope",
     "fenced_script",
     "load_thread",
+    "load_version",
     "migrate_layout",
     "open_redis",
     "open_snapshot_store",

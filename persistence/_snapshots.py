@@ -1,10 +1,13 @@
 """The ``SnapshotStore`` protocol and the in-memory implementation.
 
 A store keeps, per thread: a head (``version`` = steps committed, ``epoch`` =
-fencing token of the current owner), the step records in version order, and
-the latest full record. Records are opaque bytes here: framing, checksums and
-decoding belong to the codec. Every commit is conditional on the version the
-writer built on and on its epoch, so two owners can never fork a thread.
+fencing token of the current owner), the step records in version order, the
+latest full record, and the older full records the writer asked it to keep
+(``CommitRequest.keep_full``: checkpoints, from which ``load_at`` rebuilds a
+past version without replaying the whole history). Records are opaque bytes
+here: framing, checksums and decoding belong to the codec. Every commit is
+conditional on the version the writer built on and on its epoch, so two owners
+can never fork a thread.
 
 Deleting a thread leaves a tombstone head (version 0, epoch bumped) so a
 writer that still holds the old epoch stays fenced out.
@@ -43,12 +46,29 @@ class StoredThread(msgspec.Struct, frozen=True, kw_only=True):
     """Records of versions ``full_version + 1 .. version``, ascending."""
 
 
+class StoredVersion(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``load_at(thread_id, version)`` returns: the head's version, the
+    newest full record at or before ``version`` and the steps up to ``version``.
+
+    ``steps`` are the records of versions ``max(full_version, 1) .. version``:
+    with a full record, the step of its own version comes first (the reader
+    checks that the two were written together). Without one (``full_version``
+    0) they start at version 1. ``version`` out of ``1 .. head``: no steps.
+    """
+
+    head: int
+    full: bytes | None
+    full_version: int
+    steps: list[bytes]
+
+
 class CommitRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Append ``step`` as version ``expected_version + 1``.
 
     Succeeds only if the stored version equals ``expected_version`` and the
     stored epoch equals ``epoch``. With ``full``, the same commit stores a full
-    record at the new version and drops older full records.
+    record at the new version; the previous latest full record is dropped,
+    unless ``keep_full``: then it stays as a checkpoint for ``load_at``.
     """
 
     thread_id: str
@@ -56,6 +76,7 @@ class CommitRequest(msgspec.Struct, frozen=True, kw_only=True):
     epoch: int
     step: bytes
     full: bytes | None = None
+    keep_full: bool = False
     consumed: str | None = None
     """The id of the inbox entry this step consumed: removed in the same commit."""
     turn: str | None = None
@@ -130,6 +151,15 @@ class SnapshotStore(Protocol):
         """The thread's records, or None if it has no head at all."""
         ...
 
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        """What rebuilds ``version``: the newest full record (latest or kept) at or
+        before it and the steps after that; None if the thread has no head.
+
+        One consistent read; costs the steps since that full record, not the
+        thread's history.
+        """
+        ...
+
     async def commit(self, request: CommitRequest) -> None:
         """Durably append one step; return only once it is durable.
 
@@ -143,6 +173,13 @@ class SnapshotStore(Protocol):
         self, thread_id: str, start: int = 1, stop: int | None = None
     ) -> list[bytes]:
         """Step records of versions ``start .. stop`` (inclusive; None = to the head)."""
+        ...
+
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        """The last ``limit`` (>= 1) step records below version ``before`` (None: up
+        to the head), oldest first: one page of history, read backwards."""
         ...
 
     async def threads(self) -> list[str]:
@@ -227,7 +264,7 @@ def check_records(thread_id: str, stored_version: int | None, last_step: int) ->
 
 
 class _MemoryThread:
-    __slots__ = ("epoch", "full", "full_version", "steps", "turn")
+    __slots__ = ("checkpoints", "epoch", "full", "full_version", "steps", "turn")
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -235,6 +272,7 @@ class _MemoryThread:
         self.full: bytes | None = None
         self.full_version = 0
         self.turn: str | None = None
+        self.checkpoints: dict[int, bytes] = {}
 
 
 class MemorySnapshotStore(Reentrant):
@@ -280,9 +318,13 @@ class MemorySnapshotStore(Reentrant):
             request.epoch,
         )
         assert t is not None
+        if not t.steps:
+            t.checkpoints.clear()
         t.steps.append(request.step)
         t.turn = request.turn
         if request.full is not None:
+            if request.keep_full and t.full is not None and t.full_version:
+                t.checkpoints[t.full_version] = t.full
             t.full = request.full
             t.full_version = len(t.steps)
         if request.consumed is not None:
@@ -296,6 +338,35 @@ class MemorySnapshotStore(Reentrant):
             return []
         return t.steps[max(start, 1) - 1 : stop]
 
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        t = self._threads.get(thread_id)
+        if t is None:
+            return []
+        stop = len(t.steps) if before is None else max(min(before - 1, len(t.steps)), 0)
+        return t.steps[max(stop - limit, 0) : stop]
+
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        t = self._threads.get(thread_id)
+        if t is None:
+            return None
+        head = len(t.steps)
+        if not 1 <= version <= head:
+            return StoredVersion(head=head, full=None, full_version=0, steps=[])
+        full: bytes | None
+        if t.full is not None and 0 < t.full_version <= version:
+            full_version, full = t.full_version, t.full
+        else:
+            full_version = max((v for v in t.checkpoints if v <= version), default=0)
+            full = t.checkpoints.get(full_version)
+        return StoredVersion(
+            head=head,
+            full=full,
+            full_version=full_version,
+            steps=t.steps[max(full_version, 1) - 1 : version],
+        )
+
     async def threads(self) -> list[str]:
         return sorted(tid for tid, t in self._threads.items() if t.steps)
 
@@ -307,6 +378,7 @@ class MemorySnapshotStore(Reentrant):
             check_fence(thread_id, t.epoch, epoch)
         existed = bool(t.steps)
         t.steps, t.full, t.full_version, t.turn = [], None, 0, None
+        t.checkpoints = {}
         t.epoch += 1
         return existed
 

@@ -8,6 +8,8 @@ script may check the lease and write the thread in a single Cluster slot::
     <prefix>:{pNNN}:t:<escaped id>:head     hash: version, epoch, full_version, turn
     <prefix>:{pNNN}:t:<escaped id>:steps    list: step record of version i at index i - 1
     <prefix>:{pNNN}:t:<escaped id>:full     string: the latest full record
+    <prefix>:{pNNN}:t:<escaped id>:fulls    hash: version -> older full record kept as a
+                                            checkpoint (absent in stores written before)
     <prefix>:{pNNN}:t:<escaped id>:inbox    list: ids of the messages told, oldest first
     <prefix>:{pNNN}:t:<escaped id>:told     hash: message id -> envelope (the inbox's entries)
     <prefix>:{pNNN}:t:<escaped id>:dead     hash: message id -> dead letter (msgpack)
@@ -91,6 +93,7 @@ from ._snapshots import (
     InboxEntry,
     RecoverableThread,
     StoredThread,
+    StoredVersion,
     check_fence,
     check_head,
     check_records,
@@ -110,9 +113,12 @@ redis.call('HSETNX', KEYS[1], 'full_version', 0)
 return epoch
 """
 
-# KEYS: head, steps, full, inbox, told, lease. ARGV: expected_version, epoch,
-# step, turn ('' = none), consumed ('' = none), lease token ('' = unfenced)
-# [, full].
+# KEYS: head, steps, full, inbox, told, lease, fulls. ARGV: expected_version,
+# epoch, step, turn ('' = none), consumed ('' = none), lease token ('' =
+# unfenced) [, full, keep ('1': the previous latest full record becomes a
+# checkpoint in fulls; else it is overwritten)]. The first step of a thread
+# drops whatever fulls a deleted earlier thread of that id left (a delete by a
+# threadline that did not know the key).
 # Returns {status, stored version, stored epoch}; status 0 = committed (the
 # version returned is the new one), 1 = fenced, 2 = conflict, 4 = no head at
 # all, 5 = the lease does not hold the token; 3 = the steps list does not
@@ -144,8 +150,18 @@ local length = redis.call('LLEN', KEYS[2])
 if length ~= version then
   return {3, version, length}
 end
+if version == 0 then
+  redis.call('DEL', KEYS[7])
+end
 redis.call('RPUSH', KEYS[2], ARGV[3])
 if #ARGV >= 7 then
+  if ARGV[8] == '1' then
+    local previous = tonumber(redis.call('HGET', KEYS[1], 'full_version') or '0')
+    local old = redis.call('GET', KEYS[3])
+    if previous > 0 and old then
+      redis.call('HSET', KEYS[7], previous, old)
+    end
+  end
   redis.call('SET', KEYS[3], ARGV[7])
   redis.call('HSET', KEYS[1], 'version', version + 1, 'full_version', version + 1, 'turn', ARGV[4])
 else
@@ -178,7 +194,7 @@ end
 return 1
 """
 
-# KEYS: head, steps, full, lease. ARGV: epoch or '', lease token or ''.
+# KEYS: head, steps, full, lease, fulls. ARGV: epoch or '', lease token or ''.
 # Returns {status, value}: -1 = no head (nothing done), 1 = fenced (value =
 # stored epoch), 2 = the lease does not hold the token, 0 = deleted (value > 0
 # if it had steps). Steps left without a head (a corrupt thread) are deleted too.
@@ -192,7 +208,7 @@ if not head[1] and not head[2] then
   if steps == 0 then
     return {-1, 0}
   end
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
   return {0, steps}
 end
 local version = tonumber(head[1] or '0')
@@ -200,7 +216,7 @@ local epoch = tonumber(head[2] or '0')
 if ARGV[1] ~= '' and epoch > tonumber(ARGV[1]) then
   return {1, epoch}
 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
 redis.call('HSET', KEYS[1], 'version', 0, 'full_version', 0, 'turn', '')
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 return {0, math.max(version, steps)}
@@ -222,6 +238,44 @@ if full_version > 0 then
 end
 local steps = redis.call('LRANGE', KEYS[2], full_version, -1)
 return {tonumber(head[1]), tonumber(head[2] or '0'), full_version, full, steps, length}
+"""
+
+# KEYS: head, steps, full, fulls. ARGV: version. Read-only, one snapshot.
+# Returns nil if there is no head, else {head version, full_version, full or
+# nil, steps}: the newest full record at or before the version (the latest, or
+# a checkpoint) and the steps from its version (or 1) up to the version; no
+# full record and no steps if the version is not in 1 .. head.
+_LOAD_AT_LUA: Final = """
+local head = redis.call('HMGET', KEYS[1], 'version', 'full_version')
+if not head[1] then
+  return false
+end
+local version = tonumber(head[1])
+local want = tonumber(ARGV[1])
+if want < 1 or want > version then
+  return {version, 0, false, {}}
+end
+local full_version = tonumber(head[2] or '0')
+local full = false
+if full_version > 0 and full_version <= want then
+  full = redis.call('GET', KEYS[3])
+else
+  full_version = 0
+  for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+    local v = tonumber(field)
+    if v and v <= want and v > full_version then
+      full_version = v
+    end
+  end
+  if full_version > 0 then
+    full = redis.call('HGET', KEYS[4], tostring(full_version))
+  end
+end
+local first = full_version
+if first < 1 then
+  first = 1
+end
+return {version, full_version, full, redis.call('LRANGE', KEYS[2], first - 1, want - 1)}
 """
 
 _INDEX_CHUNK: Final = 1000
@@ -346,6 +400,7 @@ class RedisSnapshotStore(Reentrant):
         self._commit_script: AsyncScript = client.register_script(_COMMIT_LUA)
         self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
         self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
+        self._load_at_script: AsyncScript = client.register_script(_LOAD_AT_LUA)
         self._enqueue_script: AsyncScript = client.register_script(_ENQUEUE_LUA)
         self._dequeue_script: AsyncScript = client.register_script(_DEQUEUE_LUA)
         self._committer: GroupCommitter[_Request] | None = None
@@ -408,6 +463,10 @@ class RedisSnapshotStore(Reentrant):
             keys.thread(thread_id, "full"),
         )
 
+    def _fulls_key(self, thread_id: str) -> str:
+        """The hash of the full records kept as checkpoints (version -> record)."""
+        return self.layout.for_thread(thread_id).thread(thread_id, "fulls")
+
     def _inbox_keys(self, thread_id: str) -> tuple[str, str, str]:
         """The thread's inbox (ids), its entries (id -> envelope) and its dead letters."""
         keys = self.layout.for_thread(thread_id)
@@ -467,6 +526,44 @@ class RedisSnapshotStore(Reentrant):
             )
         return [_as_bytes(step) for step in steps]
 
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        self._check_open()
+        if limit < 1:
+            return []
+        _, steps_key, _ = self._keys(thread_id)
+        if before is None:
+            start, stop = -min(limit, _MAX_INDEX), -1
+        else:
+            stop = min(before, _MAX_INDEX) - 2  # index of version before - 1
+            if stop < 0:
+                return []
+            start = max(stop - min(limit, _MAX_INDEX) + 1, 0)
+        with mapped("read_steps_before"):
+            steps = await self._client.lrange(steps_key, start, stop)
+        return [_as_bytes(step) for step in steps]
+
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        self._check_open()
+        keys = [*self._keys(thread_id), self._fulls_key(thread_id)]
+        with mapped("load_at"):
+            reply = await self._load_at_script(keys=keys, args=[max(min(version, _MAX_INDEX), -1)])
+        if reply is None:
+            return None
+        try:
+            head, full_version, full, steps = reply
+            return StoredVersion(
+                head=int(head),
+                full=None if full is None else bytes(full),
+                full_version=int(full_version),
+                steps=[bytes(step) for step in steps],
+            )
+        except (TypeError, ValueError) as exc:
+            raise SnapshotCorruptError(
+                f"unexpected reply for version {version} of thread {thread_id!r}: {reply!r}"
+            ) from exc
+
     async def threads(self) -> list[str]:
         self._check_open()
         live: list[str] = []
@@ -506,7 +603,9 @@ class RedisSnapshotStore(Reentrant):
             raise _lease_lost(thread_id, partition, "delete")
         with mapped("delete"):
             reply = await self._eval(
-                self._delete_script, (*keys, lease), ("" if epoch is None else epoch, token)
+                self._delete_script,
+                (*keys, lease, self._fulls_key(thread_id)),
+                ("" if epoch is None else epoch, token),
             )
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
@@ -754,8 +853,9 @@ class RedisSnapshotStore(Reentrant):
             token,
         )
         if r.full is not None:
-            args = (*args, r.full)
-        return _Call(self._commit_script, (head, steps, full, inbox, told, lease), args)
+            args = (*args, r.full, "1" if r.keep_full else "0")
+        fulls = self._fulls_key(r.thread_id)
+        return _Call(self._commit_script, (head, steps, full, inbox, told, lease, fulls), args)
 
     async def _flush_cluster(self, client: RedisCluster, batch: Sequence[_Request]) -> list[object]:
         replies: list[Any] = [None] * len(batch)

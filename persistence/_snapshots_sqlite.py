@@ -6,6 +6,7 @@ Layout::
     threads(thread_id, version, epoch, full_version, updated_at, turn)
     steps(thread_id, version, record)      WITHOUT ROWID, one row per step
     fulls(thread_id, version, record)      WITHOUT ROWID, the latest full record
+                                           and the older ones kept as checkpoints
     inbox(seq, thread_id, message_id, envelope, enqueued_at)
                                            told, not yet consumed; unique per
                                            (thread_id, message_id), ordered by seq
@@ -57,6 +58,7 @@ from ._snapshots import (
     InboxEntry,
     RecoverableThread,
     StoredThread,
+    StoredVersion,
     check_fence,
     check_head,
     check_records,
@@ -118,7 +120,12 @@ _ADVANCE: Final = (
 )
 _INSERT_STEP: Final = "INSERT INTO steps (thread_id, version, record) VALUES (?, ?, ?)"
 _INSERT_FULL: Final = "INSERT OR REPLACE INTO fulls (thread_id, version, record) VALUES (?, ?, ?)"
-_DROP_OLD_FULLS: Final = "DELETE FROM fulls WHERE thread_id = ? AND version < ?"
+# The previous latest full record (the newest one below the new one); the
+# older ones are checkpoints the journal asked to keep.
+_DROP_PREVIOUS_FULL: Final = (
+    "DELETE FROM fulls WHERE thread_id = ?1 AND version ="
+    " (SELECT max(version) FROM fulls WHERE thread_id = ?1 AND version < ?2)"
+)
 _DEQUEUE: Final = "DELETE FROM inbox WHERE thread_id = ? AND message_id = ?"
 _ENQUEUE: Final = (
     "INSERT OR IGNORE INTO inbox (thread_id, message_id, envelope, enqueued_at) VALUES (?, ?, ?, ?)"
@@ -160,6 +167,22 @@ _LOAD: Final = (
     "  WHERE s.thread_id = ?1"
     " UNION ALL"
     " SELECT 3, max(version), NULL, NULL, NULL FROM steps WHERE thread_id = ?1"
+    " ORDER BY 1, 2"
+)
+
+# One statement for ``load_at``: the head's version (kind 0), the newest full
+# record at or before ?2 (kind 1) and the steps from its version (or 1) to ?2
+# (kind 2), none past the head.
+_LOAD_AT: Final = (
+    "SELECT 0, version, NULL FROM threads WHERE thread_id = ?1"
+    " UNION ALL"
+    " SELECT 1, version, record FROM (SELECT version, record FROM fulls"
+    "  WHERE thread_id = ?1 AND version <= ?2 ORDER BY version DESC LIMIT 1)"
+    " UNION ALL"
+    " SELECT 2, s.version, s.record FROM steps AS s JOIN threads AS t"
+    "  ON t.thread_id = s.thread_id AND s.version <= t.version"
+    "  WHERE s.thread_id = ?1 AND s.version <= ?2 AND s.version >= max(1, coalesce("
+    "   (SELECT max(version) FROM fulls WHERE thread_id = ?1 AND version <= ?2), 1))"
     " ORDER BY 1, 2"
 )
 
@@ -284,6 +307,43 @@ class SqliteSnapshotStore(Reentrant):
             ),
         )
         return [bytes(row[0]) for row in rows]
+
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        rows = await self._db.read(
+            "SELECT record FROM steps WHERE thread_id = ? AND version < ?"
+            " ORDER BY version DESC LIMIT ?",
+            (
+                thread_id,
+                _MAX_INT if before is None else max(min(before, _MAX_INT), 0),
+                max(min(limit, _MAX_INT), 0),
+            ),
+        )
+        return [bytes(row[0]) for row in reversed(rows)]
+
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        if not 1 <= version <= _MAX_INT:
+            rows = await self._db.read(_HEAD, (thread_id,))
+            if not rows:
+                return None
+            return StoredVersion(head=int(rows[0][0]), full=None, full_version=0, steps=[])
+        head: int | None = None
+        full: bytes | None = None
+        full_version = 0
+        steps: list[bytes] = []
+        for kind, row_version, record in await self._db.read(_LOAD_AT, (thread_id, version)):
+            if kind == 0:
+                head = int(row_version)
+            elif kind == 1:
+                full, full_version = bytes(record), int(row_version)
+            else:
+                steps.append(bytes(record))
+        if head is None:
+            return None
+        if version > head:
+            return StoredVersion(head=head, full=None, full_version=0, steps=[])
+        return StoredVersion(head=head, full=full, full_version=full_version, steps=steps)
 
     async def threads(self) -> list[str]:
         rows = await self._db.read("SELECT thread_id FROM threads WHERE version > 0", ())
@@ -499,7 +559,13 @@ class SqliteSnapshotStore(Reentrant):
         fulls = [(r.thread_id, r.expected_version + 1, r.full) for r in batch if r.full is not None]
         if fulls:
             await conn.executemany(_INSERT_FULL, fulls)
-            await conn.executemany(_DROP_OLD_FULLS, [(tid, v) for tid, v, _ in fulls])
+            dropped = [
+                (r.thread_id, r.expected_version + 1)
+                for r in batch
+                if r.full is not None and not r.keep_full
+            ]
+            if dropped:
+                await conn.executemany(_DROP_PREVIOUS_FULL, dropped)
         consumed = [(r.thread_id, r.consumed) for r in batch if r.consumed is not None]
         if consumed:
             await conn.executemany(_DEQUEUE, consumed)

@@ -30,9 +30,9 @@ from threadline.actors._api import (
     TurnResult,
     stream_modes,
 )
-from threadline.persistence import Codec, SnapshotStore, load_thread, read_history
+from threadline.persistence import Codec, SnapshotStore, load_thread, load_version, read_history
 
-from ._door import Input
+from ._door import Input, check_page, check_version
 
 if TYPE_CHECKING:
     from ._system import ActorSystem
@@ -81,20 +81,57 @@ class ThreadClient(Protocol[S]):
         """Send a message and yield the turn's events as its steps commit."""
         ...
 
-    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
-        """The thread's last committed state (``ThreadNotFoundError`` if none)."""
+    async def get_state(self, thread_id: str, *, version: int | None = None) -> ThreadSnapshot[S]:
+        """The thread's last committed state (``ThreadNotFoundError`` if none); with
+        ``version``, the state as it was after that step (``VersionNotFoundError``
+        if the thread has no such version), rebuilt from the nearest full record
+        at or before it."""
         ...
 
     async def update_state(
-        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        thread_id: str,
+        update: Mapping[str, Any],
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
     ) -> ThreadSnapshot[S]:
-        """Apply ``update`` through the reducers as one committed step."""
+        """Apply ``update`` through the reducers as one committed step; with ``at``,
+        to the state of version ``at`` (the new step makes the thread's state
+        that one plus ``update``; nothing before it is rewritten)."""
+        ...
+
+    async def revert(
+        self, thread_id: str, *, to: int, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        """Make the thread's state what it was after step ``to``, as one new step."""
+        ...
+
+    async def fork(
+        self,
+        thread_id: str,
+        new_thread_id: str,
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
+    ) -> ThreadSnapshot[S]:
+        """Start ``new_thread_id`` from version ``at`` (None: the latest) of ``thread_id``
+        (``ThreadExistsError`` if it has state); the two are independent afterwards."""
         ...
 
     async def history(
-        self, thread_id: str, *, start: int = 1, stop: int | None = None
+        self,
+        thread_id: str,
+        *,
+        start: int = 1,
+        stop: int | None = None,
+        limit: int | None = None,
+        before: int | None = None,
     ) -> list[StepInfo]:
-        """The thread's committed steps, oldest first."""
+        """The thread's committed steps ``start .. stop``, oldest first; or, with
+        ``limit``/``before``, one page backwards: the ``limit`` (default 100)
+        steps below version ``before`` (None: from the latest), newest first.
+        The next page is ``before=page[-1].version``."""
         ...
 
     async def threads(self) -> list[str]:
@@ -107,10 +144,14 @@ class ThreadClient(Protocol[S]):
 
 
 async def stored_state(
-    snapshots: SnapshotStore, codec: Codec[S], thread_id: str
+    snapshots: SnapshotStore, codec: Codec[S], thread_id: str, version: int | None = None
 ) -> ThreadSnapshot[S]:
-    """A thread's last committed state as the store has it (``ThreadNotFoundError``)."""
-    recovered = await load_thread(snapshots, codec, thread_id)
+    """A thread's last committed state (or that of ``version``) as the store has it
+    (``ThreadNotFoundError``, ``VersionNotFoundError``)."""
+    if version is None:
+        recovered = await load_thread(snapshots, codec, thread_id)
+    else:
+        recovered = await load_version(snapshots, codec, thread_id, version)
     if recovered.state is None:
         raise ThreadNotFoundError(f"thread {thread_id!r} has no state")
     turn = recovered.turn
@@ -202,9 +243,12 @@ class LocalClient(Generic[S]):
                 yield part
         reply.outcome()
 
-    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
+    async def get_state(self, thread_id: str, *, version: int | None = None) -> ThreadSnapshot[S]:
         self._door.thread_id(thread_id)
         system = self._system
+        if version is not None:
+            check_version(version)
+            return await stored_state(system.snapshots, system.codec, thread_id, version)
         actor = system.live_actor(thread_id)
         if actor is not None and actor.ready and actor.state is not None:
             state, version, turn = actor.state, actor.version, actor.turn
@@ -218,9 +262,32 @@ class LocalClient(Generic[S]):
         )
 
     async def update_state(
-        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        thread_id: str,
+        update: Mapping[str, Any],
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
     ) -> ThreadSnapshot[S]:
-        envelope = self._door.update(thread_id, update)
+        return await self._write(self._door.update(thread_id, update, at=at), timeout)
+
+    async def revert(
+        self, thread_id: str, *, to: int, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        return await self._write(self._door.revert(thread_id, to), timeout)
+
+    async def fork(
+        self,
+        thread_id: str,
+        new_thread_id: str,
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
+    ) -> ThreadSnapshot[S]:
+        return await self._write(self._door.fork(thread_id, new_thread_id, at), timeout)
+
+    async def _write(self, envelope: Envelope, timeout: float | None) -> ThreadSnapshot[S]:
+        """Through the thread's actor, in mailbox order; the snapshot after the step."""
         reply = Reply()
         with anyio.fail_after(timeout):
             await self._put(envelope, reply)
@@ -228,11 +295,24 @@ class LocalClient(Generic[S]):
         return snapshot
 
     async def history(
-        self, thread_id: str, *, start: int = 1, stop: int | None = None
+        self,
+        thread_id: str,
+        *,
+        start: int = 1,
+        stop: int | None = None,
+        limit: int | None = None,
+        before: int | None = None,
     ) -> list[StepInfo]:
         self._door.thread_id(thread_id)
+        limit, before = check_page(start, stop, limit, before)
         return await read_history(
-            self._system.snapshots, self._system.codec, thread_id, start, stop
+            self._system.snapshots,
+            self._system.codec,
+            thread_id,
+            start,
+            stop,
+            limit=limit,
+            before=before,
         )
 
     async def threads(self) -> list[str]:

@@ -64,6 +64,42 @@ def check_message_id(message_id: object) -> str:
     return message_id
 
 
+def check_version(version: object, name: str = "version") -> int:
+    """A version number: an int (not a bool) that fits in 64 bits. Whether the
+    thread has it is the store's to say (``VersionNotFoundError``)."""
+    if isinstance(version, bool) or not isinstance(version, int) or abs(version) >= 1 << 63:
+        raise InvalidInputError(
+            f"{name} must be a version number (an int), got {type(version).__name__} "
+            f"{str(version)[:40]!r}"
+        )
+    return version
+
+
+def check_page(
+    start: object, stop: object, limit: object, before: object
+) -> tuple[int | None, int | None]:
+    """``history``'s arguments: ``start``/``stop`` (oldest first) or
+    ``limit``/``before`` (one page backwards), not both. Returns the page's
+    ``(limit, before)`` (both None: the ``start .. stop`` form)."""
+    if limit is None and before is None:
+        check_version(start, "start")
+        if stop is not None:
+            check_version(stop, "stop")
+        return None, None
+    if start != 1 or stop is not None:
+        raise InvalidInputError(
+            "history: give start/stop (oldest first) or limit/before (newest first), not both"
+        )
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit < 1 << 63
+    ):
+        raise InvalidInputError(f"history: limit must be an int >= 1, got {limit!r}"[:120])
+    return (
+        100 if limit is None else limit,
+        None if before is None else check_version(before, "before"),
+    )
+
+
 class Door(Generic[S]):
     """Turns what a sender hands in into envelopes for threads of ``state_schema``.
 
@@ -118,9 +154,14 @@ class Door(Generic[S]):
             modes=modes,
         )
 
-    def update(self, thread_id: str, update: Mapping[str, Any]) -> Envelope:
-        """An ``update`` envelope: one step through the reducers, no turn."""
+    def update(
+        self, thread_id: str, update: Mapping[str, Any], *, at: int | None = None
+    ) -> Envelope:
+        """An ``update`` envelope: one step through the reducers, no turn (with
+        ``at``: applied to the state of that version)."""
         self.thread_id(thread_id)
+        if at is not None:
+            check_version(at, "at")
         normalized = normalize_update(self.state_schema, update, source="update_state")
         size = len(self._encoder.encode(normalized))
         if size > self.max_message_bytes:
@@ -128,7 +169,28 @@ class Door(Generic[S]):
                 f"update for thread {thread_id!r} is {size} bytes; "
                 f"the limit is {self.max_message_bytes}"
             )
-        return Envelope(kind="update", message_id=new_id(), thread_id=thread_id, update=normalized)
+        return Envelope(
+            kind="update", message_id=new_id(), thread_id=thread_id, update=normalized, at=at
+        )
+
+    def revert(self, thread_id: str, to: int) -> Envelope:
+        """A ``revert`` envelope: one step back to the state of version ``to``."""
+        self.thread_id(thread_id)
+        return Envelope(
+            kind="revert", message_id=new_id(), thread_id=thread_id, at=check_version(to, "to")
+        )
+
+    def fork(self, thread_id: str, new_thread_id: str, at: int | None) -> Envelope:
+        """A ``fork`` envelope, for the new thread's actor (its single writer)."""
+        self.thread_id(thread_id)
+        self.thread_id(new_thread_id)
+        return Envelope(
+            kind="fork",
+            message_id=new_id(),
+            thread_id=new_thread_id,
+            source=thread_id,
+            at=None if at is None else check_version(at, "at"),
+        )
 
     def delete(self, thread_id: str) -> Envelope:
         self.thread_id(thread_id)

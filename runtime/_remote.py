@@ -7,8 +7,9 @@ stream in the envelope and read it: the worker writes a step's events and the
 final reply only after the step is committed, so a reply means durable, and
 a client that lost its connection re-reads the stream from the last event id
 it saw (``join``). Reads (``get_state``, ``history``, ``threads``) go straight
-to the snapshot store; writes to a thread (``update_state``, ``delete``) go
-through the inbox, in order with its messages.
+to the snapshot store; writes to a thread (``update_state``, ``revert``,
+``fork``, ``delete``) go through the inbox, in order with its messages (a fork
+through the new thread's).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from threadline.persistence import (
 )
 
 from ._client import stored_state
-from ._door import Door, Input
+from ._door import Door, Input, check_page, check_version
 from ._wire import decode_event, raise_error
 from .agent._requests import ContextCodec
 
@@ -276,9 +277,33 @@ class Client(Generic[S]):
         raise AssertionError("unreachable")
 
     async def update_state(
-        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        thread_id: str,
+        update: Mapping[str, Any],
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
     ) -> ThreadSnapshot[S]:
-        data = await self._call(self.door.update(thread_id, update), timeout)
+        return await self._write(self.door.update(thread_id, update, at=at), timeout)
+
+    async def revert(
+        self, thread_id: str, *, to: int, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        return await self._write(self.door.revert(thread_id, to), timeout)
+
+    async def fork(
+        self,
+        thread_id: str,
+        new_thread_id: str,
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
+    ) -> ThreadSnapshot[S]:
+        """Through the new thread's inbox: its owner writes it."""
+        return await self._write(self.door.fork(thread_id, new_thread_id, at), timeout)
+
+    async def _write(self, envelope: Envelope, timeout: float | None) -> ThreadSnapshot[S]:
+        data = await self._call(envelope, timeout)
         snapshot: ThreadSnapshot[S] = msgspec.convert(data, self._snapshot_type)
         return snapshot
 
@@ -287,15 +312,26 @@ class Client(Generic[S]):
 
     # -- reading ---------------------------------------------------------------
 
-    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
+    async def get_state(self, thread_id: str, *, version: int | None = None) -> ThreadSnapshot[S]:
         self.door.thread_id(thread_id)
-        return await stored_state(self.snapshots, self.codec, thread_id)
+        if version is not None:
+            check_version(version)
+        return await stored_state(self.snapshots, self.codec, thread_id, version)
 
     async def history(
-        self, thread_id: str, *, start: int = 1, stop: int | None = None
+        self,
+        thread_id: str,
+        *,
+        start: int = 1,
+        stop: int | None = None,
+        limit: int | None = None,
+        before: int | None = None,
     ) -> list[StepInfo]:
         self.door.thread_id(thread_id)
-        return await read_history(self.snapshots, self.codec, thread_id, start, stop)
+        limit, before = check_page(start, stop, limit, before)
+        return await read_history(
+            self.snapshots, self.codec, thread_id, start, stop, limit=limit, before=before
+        )
 
     async def threads(self) -> list[str]:
         return await self.snapshots.threads()

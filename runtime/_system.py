@@ -465,21 +465,74 @@ class ActorSystem(Generic[S]):
             thread_id, input, context=context, message_id=message_id, mode=mode
         )
 
-    async def get_state(self, thread_id: str) -> ThreadSnapshot[S]:
-        """The thread's last committed state; ``ThreadNotFoundError`` if it has none."""
-        return await self.client.get_state(thread_id)
+    async def get_state(self, thread_id: str, *, version: int | None = None) -> ThreadSnapshot[S]:
+        """The thread's last committed state; ``ThreadNotFoundError`` if it has none.
+
+        With ``version``, the state as it was after that step
+        (``VersionNotFoundError`` if there is no such step), rebuilt from the
+        nearest full record at or before it: the cost of a few states' worth
+        of steps at most, not of the whole history.
+        """
+        return await self.client.get_state(thread_id, version=version)
 
     async def update_state(
-        self, thread_id: str, update: Mapping[str, Any], *, timeout: float | None = None
+        self,
+        thread_id: str,
+        update: Mapping[str, Any],
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
     ) -> ThreadSnapshot[S]:
-        """Apply ``update`` through the reducers as one committed step (in mailbox order)."""
-        return await self.client.update_state(thread_id, update, timeout=timeout)
+        """Apply ``update`` through the reducers as one committed step (in mailbox order).
+
+        With ``at``, the update applies to the state of version ``at``: the new
+        step makes the state that one plus ``update`` (appended; nothing is
+        rewritten). ``at`` must end a turn (``InvalidUpdateError`` if it is in
+        the middle of one).
+        """
+        return await self.client.update_state(thread_id, update, at=at, timeout=timeout)
+
+    async def revert(
+        self, thread_id: str, *, to: int, timeout: float | None = None
+    ) -> ThreadSnapshot[S]:
+        """Make the state what it was after step ``to``, as one new ``revert`` step.
+
+        In mailbox order: a turn already running finishes first (and is
+        reverted too). ``to`` must end a turn.
+        """
+        return await self.client.revert(thread_id, to=to, timeout=timeout)
+
+    async def fork(
+        self,
+        thread_id: str,
+        new_thread_id: str,
+        *,
+        at: int | None = None,
+        timeout: float | None = None,
+    ) -> ThreadSnapshot[S]:
+        """Start ``new_thread_id`` as a copy of version ``at`` (None: the latest) of
+        ``thread_id``: one step holding that state; the threads are independent
+        afterwards. ``ThreadExistsError`` if ``new_thread_id`` has state."""
+        return await self.client.fork(thread_id, new_thread_id, at=at, timeout=timeout)
 
     async def history(
-        self, thread_id: str, *, start: int = 1, stop: int | None = None
+        self,
+        thread_id: str,
+        *,
+        start: int = 1,
+        stop: int | None = None,
+        limit: int | None = None,
+        before: int | None = None,
     ) -> list[StepInfo]:
-        """The thread's committed steps (oldest first): kind, updates, turn cursor."""
-        return await self.client.history(thread_id, start=start, stop=stop)
+        """The thread's committed steps (oldest first): kind, updates, turn cursor.
+
+        With ``limit``/``before``, one page backwards, newest first: the
+        ``limit`` (default 100) steps below version ``before`` (None: from the
+        latest); the next page is ``before=page[-1].version``.
+        """
+        return await self.client.history(
+            thread_id, start=start, stop=stop, limit=limit, before=before
+        )
 
     async def threads(self) -> list[str]:
         """Ids of every thread with committed state in the snapshot store."""

@@ -743,6 +743,8 @@ class Worker(Generic[S]):
     def _validate(self, envelope: Envelope) -> Envelope:
         """The worker's own door: the update arrived as builtins."""
         self.system.door.thread_id(envelope.thread_id)
+        if envelope.source is not None:
+            self.system.door.thread_id(envelope.source)
         if envelope.kind == "delete":
             return envelope
         schema = self.agent.state_schema

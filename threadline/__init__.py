@@ -48,12 +48,14 @@ from threadline.actors import SnapshotFormatError as SnapshotFormatError
 from threadline.actors import StoreUnavailableError as StoreUnavailableError
 from threadline.actors import SystemClosedError as SystemClosedError
 from threadline.actors import SystemMessage as SystemMessage
+from threadline.actors import ThreadExistsError as ThreadExistsError
 from threadline.actors import ThreadlineError as ThreadlineError
 from threadline.actors import ThreadNotFoundError as ThreadNotFoundError
 from threadline.actors import ToolCall as ToolCall
 from threadline.actors import ToolCallLimitExceededError as ToolCallLimitExceededError
 from threadline.actors import ToolMessage as ToolMessage
 from threadline.actors import TurnFailedError as TurnFailedError
+from threadline.actors import VersionNotFoundError as VersionNotFoundError
 from threadline.actors import add_messages as add_messages
 from threadline.persistence import MemorySnapshotStore as MemorySnapshotStore
 from threadline.persistence import MemoryStore as MemoryStore
@@ -155,6 +157,7 @@ __all__ = (
     "SystemClosedError",
     "SystemMessage",
     "ThreadClient",
+    "ThreadExistsError",
     "ThreadNotFoundError",
     "ThreadSnapshot",
     "ThreadlineError",
@@ -165,6 +168,7 @@ __all__ = (
     "ToolRuntime",
     "TurnFailedError",
     "TurnResult",
+    "VersionNotFoundError",
     "Worker",
     "add_messages",
     "after_agent",
