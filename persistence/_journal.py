@@ -155,7 +155,7 @@ def replay_at(
 
 FULL_RECORD_RATIO = 0.5
 FULL_RECORD_FLOOR = 8192
-CHECKPOINT_RATIO = 2.0
+CHECKPOINT_RATIO = 4.0
 
 
 class ThreadJournal(Generic[S]):

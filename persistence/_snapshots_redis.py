@@ -278,6 +278,24 @@ end
 return {version, full_version, full, redis.call('LRANGE', KEYS[2], first - 1, want - 1)}
 """
 
+# KEYS: steps. ARGV: before (0 = past the last step), limit. Read-only: the
+# last ``limit`` steps below version ``before``, oldest first.
+_STEPS_BEFORE_LUA: Final = """
+local stop = redis.call('LLEN', KEYS[1])
+local before = tonumber(ARGV[1])
+if before > 0 and before - 1 < stop then
+  stop = before - 1
+end
+local start = stop - tonumber(ARGV[2])
+if start < 0 then
+  start = 0
+end
+if stop <= start then
+  return {}
+end
+return redis.call('LRANGE', KEYS[1], start, stop - 1)
+"""
+
 _INDEX_CHUNK: Final = 1000
 _MAX_INDEX: Final = 1 << 62
 _CLUSTER_ROUNDS: Final = 10
@@ -401,6 +419,7 @@ class RedisSnapshotStore(Reentrant):
         self._delete_script: AsyncScript = client.register_script(_DELETE_LUA)
         self._load_script: AsyncScript = client.register_script(_LOAD_LUA)
         self._load_at_script: AsyncScript = client.register_script(_LOAD_AT_LUA)
+        self._steps_before_script: AsyncScript = client.register_script(_STEPS_BEFORE_LUA)
         self._enqueue_script: AsyncScript = client.register_script(_ENQUEUE_LUA)
         self._dequeue_script: AsyncScript = client.register_script(_DEQUEUE_LUA)
         self._committer: GroupCommitter[_Request] | None = None
@@ -530,18 +549,14 @@ class RedisSnapshotStore(Reentrant):
         self, thread_id: str, before: int | None, limit: int
     ) -> list[bytes]:
         self._check_open()
-        if limit < 1:
+        if limit < 1 or (before is not None and before <= 1):
             return []
         _, steps_key, _ = self._keys(thread_id)
-        if before is None:
-            start, stop = -min(limit, _MAX_INDEX), -1
-        else:
-            stop = min(before, _MAX_INDEX) - 2  # index of version before - 1
-            if stop < 0:
-                return []
-            start = max(stop - min(limit, _MAX_INDEX) + 1, 0)
         with mapped("read_steps_before"):
-            steps = await self._client.lrange(steps_key, start, stop)
+            steps = await self._steps_before_script(
+                keys=[steps_key],
+                args=[0 if before is None else min(before, _MAX_INDEX), min(limit, _MAX_INDEX)],
+            )
         return [_as_bytes(step) for step in steps]
 
     async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:

@@ -22,14 +22,18 @@ from threadline import (
     AIMessage,
     Client,
     HumanMessage,
+    InvalidInputError,
     InvalidThreadIdError,
+    InvalidUpdateError,
     LocalClient,
     ModelRequest,
     ScriptedModel,
     ThreadClient,
+    ThreadExistsError,
     ThreadNotFoundError,
     ToolCall,
     TurnFailedError,
+    VersionNotFoundError,
     Worker,
     tool,
 )
@@ -191,3 +195,126 @@ def test_an_envelope_is_plain_data_that_survives_a_round_trip() -> None:
             Notes, update, source="inbox"
         )
         assert msgspec.structs.replace(back, update=update) == envelope
+
+
+# -- time travel ---------------------------------------------------------------------
+
+
+async def test_get_state_at_every_version_and_out_of_range(client: ThreadClient[Any]) -> None:
+    seen = {}
+    for text in ("one", "shout two", "three"):
+        async for part in client.stream("tt", text, mode="values"):
+            seen[part.version] = part.data
+    updated = await client.update_state("tt", {"topic": "dogs"})
+    seen[updated.version] = updated.state
+    assert sorted(seen) == list(range(1, 10))
+    for version, state in seen.items():
+        snapshot = await client.get_state("tt", version=version)
+        assert (snapshot.version, snapshot.state) == (version, state)
+    assert (await client.get_state("tt", version=4)).next == "tools"  # mid-turn
+    for bad in (0, -1, 10, 1 << 62):
+        with pytest.raises(VersionNotFoundError):
+            await client.get_state("tt", version=bad)
+    with pytest.raises(ThreadNotFoundError):
+        await client.get_state("nobody", version=1)
+    with pytest.raises(InvalidInputError):
+        await client.get_state("tt", version="2")  # type: ignore[arg-type]
+
+
+async def test_history_pages_backwards(client: ThreadClient[Any]) -> None:
+    for text in ("a", "b", "c", "d"):
+        await client.ask("h", text)
+    everything = await client.history("h")
+    assert [s.version for s in everything] == list(range(1, 9))
+    page = await client.history("h", limit=3)
+    assert [s.version for s in page] == [8, 7, 6]  # newest first, as LangGraph's
+    pages, before = [], None
+    while True:
+        page = await client.history("h", limit=3, before=before)
+        if not page:
+            break
+        pages.extend(page)
+        before = page[-1].version
+    assert pages == everything[::-1]
+    assert [s.version for s in await client.history("h", before=3)] == [2, 1]
+    assert await client.history("nobody", limit=5) == []
+    for bad in (
+        {"limit": 0},
+        {"limit": True},
+        {"limit": 2, "start": 3},
+        {"before": 4, "stop": 5},
+        {"before": "x"},
+    ):
+        with pytest.raises(InvalidInputError):
+            await client.history("h", **bad)
+
+
+async def test_revert_appends_a_step_with_the_old_state(client: ThreadClient[Any]) -> None:
+    await client.ask("r", "first")
+    at_two = await client.get_state("r", version=2)
+    await client.update_state("r", {"topic": "cats"})
+    await client.ask("r", "shout later")
+    before = await client.history("r")
+    reverted = await client.revert("r", to=2)
+    assert reverted.version == len(before) + 1
+    assert reverted.state == at_two.state  # the messages added since are gone
+    after = await client.history("r")
+    assert after[:-1] == before  # nothing rewritten
+    assert (after[-1].kind, after[-1].at, after[-1].version) == ("revert", 2, len(before) + 1)
+    assert (await client.get_state("r")).state == at_two.state
+    again = await client.ask("r", "on from there")
+    assert [m.content for m in again.messages] == [
+        "first",
+        "echo: first",
+        "on from there",
+        "echo: on from there",
+    ]
+    with pytest.raises(InvalidUpdateError, match="middle of a turn"):
+        await client.revert("r", to=1)  # the input step of a turn
+    with pytest.raises(VersionNotFoundError):
+        await client.revert("r", to=99)
+    with pytest.raises(ThreadNotFoundError):
+        await client.revert("nobody", to=1)
+
+
+async def test_update_state_at_a_past_version(client: ThreadClient[Any]) -> None:
+    await client.ask("u", "first")
+    await client.ask("u", "second")
+    updated = await client.update_state("u", {"topic": "birds"}, at=2)
+    assert updated.version == 5 and updated.state.topic == "birds"
+    assert [m.content for m in updated.state.messages] == ["first", "echo: first"]
+    last = (await client.history("u", limit=1))[0]
+    assert (last.kind, last.at) == ("update", 2)
+
+
+async def test_fork_is_cheap_and_independent(client: ThreadClient[Any]) -> None:
+    await client.ask("parent", "one")
+    await client.ask("parent", "two")
+    forked = await client.fork("parent", "child", at=2)
+    assert forked.version == 1
+    assert forked.state == (await client.get_state("parent", version=2)).state
+    (first,) = await client.history("child")
+    assert (first.kind, first.at, first.parent) == ("fork", 2, "parent")
+    child = await client.ask("child", "child only")
+    parent = await client.ask("parent", "parent only")
+    assert "parent only" not in [m.content for m in child.messages]
+    assert "child only" not in [m.content for m in parent.messages]
+    assert [m.content for m in (await client.get_state("child")).state.messages] == [
+        "one",
+        "echo: one",
+        "child only",
+        "echo: child only",
+    ]
+    latest = await client.fork("parent", "child-2")  # at=None: the latest version
+    assert latest.state == parent.state
+    with pytest.raises(ThreadExistsError):
+        await client.fork("parent", "child", at=2)
+    with pytest.raises(ThreadNotFoundError):
+        await client.fork("nobody", "child-3")
+    with pytest.raises(VersionNotFoundError):
+        await client.fork("parent", "child-3", at=99)
+    with pytest.raises(InvalidUpdateError, match="middle of a turn"):
+        await client.fork("parent", "child-3", at=1)
+    with pytest.raises(ThreadNotFoundError):
+        await client.get_state("child-3")
+    assert sorted(await client.threads()) == ["child", "child-2", "parent"]
