@@ -1,6 +1,7 @@
 """Run the benchmarks.
 
-``python -m benchmarks [w1 w2 w3 raw memory hooks cluster | all] [--quick] [--json PATH]
+``python -m benchmarks [w1 w2 w3 raw memory hooks cluster timetravel | all] [--quick]
+[--json PATH]
 [--redis-url URL]``
 
 ``python -m benchmarks soak [--minutes N | --quick]``: fault injection judged by the
@@ -31,7 +32,7 @@ from typing import Any
 import anyio
 import redis
 
-from . import _cluster, _concurrency, _history, _hooks, _memory, _raw, _rehydrate
+from . import _cluster, _concurrency, _history, _hooks, _memory, _raw, _rehydrate, _timetravel
 from ._common import (
     fresh_heap,
     note,
@@ -43,7 +44,7 @@ from ._common import (
     table,
 )
 
-WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks", "cluster")
+WORKLOADS = ("w1", "w2", "w3", "raw", "memory", "hooks", "cluster", "timetravel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Sizes:
     cluster_tells: int = 1000
     cluster_asks: int = 500
     cluster_workers: tuple[int, ...] = (1, 2, 4)
+    timetravel_steps: int = 5000
+    timetravel_reps: int = 20
 
 
 FULL = Sizes()
@@ -94,6 +97,8 @@ QUICK = Sizes(
     cluster_tells=40,
     cluster_asks=30,
     cluster_workers=(1, 2),
+    timetravel_steps=60,
+    timetravel_reps=2,
 )
 
 LABELS = {
@@ -212,6 +217,23 @@ async def run_suite(
             await measured(_hooks.run, "sqlite", sizes.hook_turns),
         ]
         show(_hooks_table(report["hooks"]))
+    if "timetravel" in workloads:
+        n, reps = sizes.timetravel_steps, sizes.timetravel_reps
+        note(f"time travel: get_state(version=), fork, kept full records on {n}-step threads")
+        report["timetravel"] = [
+            *await measured(_timetravel.run, "sqlite", n, reps),
+            *await measured(_timetravel.run, "redis", n, reps, redis_url=redis_url),
+        ]
+        headers, rows = _timetravel.table(report["timetravel"])
+        show(
+            f"## Time travel: {n}-step threads\n\n"
+            + table(headers, rows)
+            + "\n\nMedian of "
+            + f"{reps} calls each. growing: W1's conversation; trimmed: the two oldest "
+            "messages removed after each turn once there are 40 (the state stays small). "
+            "Kept full records: older full records the journal keeps as checkpoints "
+            "(CHECKPOINT_RATIO); a store written before keeps none."
+        )
     if "cluster" in workloads:
         note("cluster: worker processes and Client vs the in-process system, same Redis")
         report["cluster"] = await _cluster.run(

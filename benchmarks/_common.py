@@ -33,6 +33,7 @@ from threadline.persistence import (
     RecoverableThread,
     SnapshotStore,
     StoredThread,
+    StoredVersion,
 )
 from threadline.runtime import ModelRequest
 
@@ -84,6 +85,14 @@ class CountingStore:
         self, thread_id: str, start: int = 1, stop: int | None = None
     ) -> list[bytes]:
         return await self.inner.read_steps(thread_id, start, stop)
+
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        return await self.inner.read_steps_before(thread_id, before, limit)
+
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        return await self.inner.load_at(thread_id, version)
 
     async def threads(self) -> list[str]:
         return await self.inner.threads()

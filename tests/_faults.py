@@ -47,6 +47,7 @@ from threadline.persistence import (
     SnapshotStore,
     SqliteSnapshotStore,
     StoredThread,
+    StoredVersion,
 )
 from threadline.runtime import ActorSystem, Agent, ModelRequest, ScriptedModel
 
@@ -184,6 +185,16 @@ class FaultyStore:
 
     async def commit(self, request: CommitRequest) -> None:
         await self._call("commit", request)
+
+    async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
+        stored: StoredVersion | None = await self._call("load_at", thread_id, version)
+        return stored
+
+    async def read_steps_before(
+        self, thread_id: str, before: int | None, limit: int
+    ) -> list[bytes]:
+        steps: list[bytes] = await self._call("read_steps_before", thread_id, before, limit)
+        return steps
 
     async def read_steps(
         self, thread_id: str, start: int = 1, stop: int | None = None

@@ -449,3 +449,18 @@ async def test_a_full_record_that_does_not_belong_to_its_step_is_corrupt() -> No
         )
     with pytest.raises(SnapshotCorruptError, match="does not belong"):
         await load_version(store, codec, "t", 2)
+
+
+async def test_the_benchmark_workload_runs_at_a_tiny_size() -> None:
+    from benchmarks import _timetravel
+    from benchmarks._common import remove_temp_dirs
+
+    try:
+        results = await _timetravel.run("sqlite", 50, 1)
+    finally:
+        remove_temp_dirs()
+    assert [r["shape"] for r in results] == ["growing", "trimmed"]
+    for r in results:
+        assert r["steps"] >= 50 and r["steps_bytes"] > 0 and r["full_bytes"] > 0
+    headers, rows = _timetravel.table(results)
+    assert len(rows) == 2 and all(len(row) == len(headers) for row in rows)
