@@ -128,7 +128,10 @@ async def run(
                 note(f"time travel {kind}/{shape}: {steps} steps")
                 head = await _fill(system, thread_id, shape, steps)
                 state = (await system.get_state(thread_id)).state
-                mid = head // 2
+                # The middle: the last version at or before head / 2 that ends a
+                # turn (fork takes those only).
+                page = await system.history(thread_id, limit=5, before=head // 2 + 1)
+                mid = next(s.version for s in page if s.turn is None)
 
                 async def at(version: int, tid: str = thread_id) -> None:
                     await system.get_state(tid, version=version)
