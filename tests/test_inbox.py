@@ -223,7 +223,10 @@ async def test_a_turn_parked_by_the_shutdown_timeout_resumes_on_restart(
 
         async def resumed() -> bool:
             kinds = [s.kind for s in await system.history("t")]
-            return kinds == ["input", "resume", "model"]
+            # (The live actor takes the last commit's state a moment after the
+            # store has it: wait for both.)
+            live = await system.get_state("t")
+            return kinds == ["input", "resume", "model"] and live.version == 3
 
         await eventually(resumed)
         snapshot = await system.get_state("t")
