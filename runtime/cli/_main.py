@@ -243,7 +243,9 @@ def _ai_messages(data: dict[str, list[dict[str, Any]]]) -> list[AIMessage]:
 
 def _require_database(db: str) -> None:
     """A typo must not look like an empty database: SQLite would create the file."""
-    if db.startswith(("redis://", "rediss://", "unix://")) or db in ("memory://", ":memory:"):
+    if db.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ) or db in ("memory://", ":memory:"):
         return
     if not os.path.exists(db.removeprefix("sqlite://")):
         raise UsageError(f"no such database: {db}")
