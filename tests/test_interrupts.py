@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -19,6 +20,7 @@ from threadline import (
     Agent,
     AgentState,
     AIMessage,
+    Client,
     Command,
     HumanMessage,
     Interrupt,
@@ -29,6 +31,7 @@ from threadline import (
     ToolCall,
     ToolMessage,
     ToolRuntime,
+    Worker,
     interrupt,
     tool,
 )
@@ -294,3 +297,35 @@ async def test_history_checker_accepts_an_interrupted_conversation(tmp_path: Any
         steps = await system.history("t")
     report = check(history.ops, {"t": steps})
     assert report.ok, report
+
+
+@pytest.mark.redis
+async def test_resume_on_another_worker_reruns_nothing_that_finished(
+    redis_server: Any, redis_prefix: str
+) -> None:
+    """Interrupt through a Client served by one Worker; stop it; a second Worker
+    (a new process in production) takes the thread over and runs the resume."""
+    runs: Counter[str] = Counter()
+    url = redis_server.url
+    async with Client(url, prefix=redis_prefix) as client:
+        async with (
+            Worker(make_agent(runs), url, prefix=redis_prefix, lease_ttl=1.0) as w,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(w.serve)
+            parked = await client.ask("t", "book quito")
+            tg.cancel_scope.cancel()
+        assert [i.tool_call_id for i in parked.interrupts] == ["book-1"]
+        assert runs == {"lookup": 1, "book": 1}
+        async with (
+            Worker(make_agent(runs), url, prefix=redis_prefix, lease_ttl=1.0) as w,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(w.serve)
+            assert (await client.get_state("t")).status == "interrupted"
+            with pytest.raises(ThreadInterruptedError):
+                await client.ask("t", "hello")
+            final = await client.ask("t", Command(resume="yes"), timeout=30)
+            tg.cancel_scope.cancel()
+    assert final.text == "done: booked quito, quito is sunny"
+    assert runs == {"lookup": 1, "book": 2}
