@@ -36,6 +36,7 @@ from threadline import (
     tool,
 )
 from threadline.actors._api import TurnCursor
+from threadline.runtime.agent.middleware import HumanInTheLoopMiddleware
 
 from ._history import History, Op, check
 from .conftest import STORE_KINDS, OpenStore, start_backend, store_kind_params
@@ -329,3 +330,96 @@ async def test_resume_on_another_worker_reruns_nothing_that_finished(
             tg.cancel_scope.cancel()
     assert final.text == "done: booked quito, quito is sunny"
     assert runs == {"lookup": 1, "book": 2}
+
+
+# -- HumanInTheLoopMiddleware -------------------------------------------------------
+
+
+def review_agent(sent: list[str]) -> Agent[AgentState]:
+    @tool
+    async def weather(city: str) -> str:
+        """The weather."""
+        sent.append(f"weather {city}")
+        return f"{city} is sunny"
+
+    @tool
+    async def email(to: str, body: str) -> str:
+        """Send an email."""
+        sent.append(f"email {to}: {body}")
+        return f"sent to {to}"
+
+    @tool
+    async def delete(path: str) -> str:
+        """Delete a file."""
+        sent.append(f"delete {path}")
+        return f"deleted {path}"
+
+    def reviewing_model(request: ModelRequest[Any]) -> str | AIMessage:
+        last = request.messages[-1]
+        if isinstance(last, HumanMessage):
+            verb, _, arg = last.content.partition(" ")
+            calls = [ToolCall(id="w", name="weather", args={"city": arg})]
+            if verb == "email":
+                calls.append(ToolCall(id="e", name="email", args={"to": arg, "body": "hi"}))
+            else:
+                calls.append(ToolCall(id="d", name="delete", args={"path": arg}))
+            return AIMessage("", tool_calls=calls)
+        return "done: " + ", ".join(
+            sorted(m.content for m in request.messages if isinstance(m, ToolMessage))
+        )
+
+    hitl = HumanInTheLoopMiddleware(
+        {
+            "email": True,
+            "delete": {"allowed_decisions": ["approve", "reject"], "description": "Delete?"},
+            "weather": False,
+        }
+    )
+    return Agent(
+        model=ScriptedModel(reviewing_model), tools=[weather, email, delete], middleware=[hitl]
+    )
+
+
+async def test_human_review_approve_edit_reject(kind: str, open_store: OpenStore) -> None:
+    sent: list[str] = []
+    async with ActorSystem(review_agent(sent), snapshots=open_store(kind)) as system:
+        asked = await system.ask("approve", "email ann")
+        (pending,) = asked.interrupts
+        assert pending.tool_call_id == "e"
+        assert pending.value["action_request"]["name"] == "email"
+        assert pending.value["action_request"]["args"] == {"to": "ann", "body": "hi"}
+        assert pending.value["allowed_decisions"] == ["approve", "edit", "reject"]
+        assert sent == ["weather ann"]  # the unreviewed sibling ran; the email waits
+        done = await system.ask("approve", Command(resume={"type": "approve"}))
+        assert done.text == "done: ann is sunny, sent to ann"
+        assert sent == ["weather ann", "email ann: hi"]
+
+        sent.clear()
+        await system.ask("edit", "email bob")
+        edit = {"type": "edit", "args": {"to": "bob", "body": "hello there"}}
+        done = await system.ask("edit", Command(resume=edit))
+        assert sent == ["weather bob", "email bob: hello there"]
+
+        sent.clear()
+        asked = await system.ask("reject", "delete /etc")
+        assert asked.interrupts[0].value["action_request"]["description"] == "Delete?"
+        # Not allowed for this tool: asked again, with the reason.
+        again = await system.ask("reject", Command(resume={"type": "edit", "args": {}}))
+        (pending,) = again.interrupts
+        assert "not allowed" in pending.value["error"]
+        assert pending.id != asked.interrupts[0].id
+        done = await system.ask("reject", Command(resume={"type": "reject", "message": "no!"}))
+        assert sent == ["weather /etc"]  # never deleted
+        (answer,) = [
+            m for m in done.messages if isinstance(m, ToolMessage) and m.tool_call_id == "d"
+        ]
+        assert answer.status == "error" and answer.content == "no!"
+
+
+def test_human_review_configuration_is_checked() -> None:
+    with pytest.raises(ValueError, match="allowed_decisions"):
+        HumanInTheLoopMiddleware({"t": {"allowed_decisions": ["maybe"]}})
+    with pytest.raises(ValueError, match="must be True, False or a dict"):
+        HumanInTheLoopMiddleware({"t": {"allowed": ["approve"]}})
+    with pytest.raises(TypeError):
+        HumanInTheLoopMiddleware(["t"])  # type: ignore[arg-type]
