@@ -26,6 +26,7 @@ from ._errors import SnapshotFormatError as SnapshotFormatError
 from ._errors import StoreUnavailableError as StoreUnavailableError
 from ._errors import SystemClosedError as SystemClosedError
 from ._errors import ThreadExistsError as ThreadExistsError
+from ._errors import ThreadInterruptedError as ThreadInterruptedError
 from ._errors import ThreadlineError as ThreadlineError
 from ._errors import ThreadNotFoundError as ThreadNotFoundError
 from ._errors import ToolCallLimitExceededError as ToolCallLimitExceededError
@@ -44,6 +45,7 @@ from ._messages import ToolMessage as ToolMessage
 from ._messages import coerce_message as coerce_message
 from ._messages import coerce_messages as coerce_messages
 from ._messages import to_openai as to_openai
+from ._records import Interrupt as Interrupt
 from ._state import AgentState as AgentState
 from ._state import Command as Command
 from ._state import add_messages as add_messages
@@ -61,6 +63,7 @@ __all__ = (
     "Envelope",
     "FencedError",
     "HumanMessage",
+    "Interrupt",
     "InvalidContextError",
     "InvalidInputError",
     "InvalidMessageError",
@@ -87,6 +90,7 @@ __all__ = (
     "SystemClosedError",
     "SystemMessage",
     "ThreadExistsError",
+    "ThreadInterruptedError",
     "ThreadNotFoundError",
     "ThreadlineError",
     "ToolCall",

@@ -24,17 +24,19 @@ import structlog
 from ._envelope import Envelope, Reply
 from ._errors import (
     FencedError,
+    InvalidInputError,
     InvalidUpdateError,
     PersistenceError,
     SystemClosedError,
     ThreadExistsError,
+    ThreadInterruptedError,
     ThreadlineError,
     TurnFailedError,
 )
 from ._logging import get_logger
 from ._mailbox import Mailbox, MailboxStatistics
 from ._messages import REMOVE_ALL_MESSAGES, AIMessage, AnyMessage, RemoveMessage
-from ._records import Recovered, TurnCursor
+from ._records import Interrupt, Recovered, TurnCursor
 from ._state import AgentState, apply_update, initial_state
 
 S = TypeVar("S", bound=AgentState)
@@ -43,7 +45,8 @@ S = TypeVar("S", bound=AgentState)
 class StreamPart(msgspec.Struct, frozen=True, kw_only=True):
     """One event of ``ActorSystem.stream``: its ``mode`` and ``data``.
 
-    ``updates``: ``{step_kind: [update, ...]}`` after each committed step;
+    ``updates``: ``{step_kind: [update, ...]}`` after each committed step, and
+    ``{"__interrupt__": [Interrupt, ...]}`` when the turn parks on interrupts;
     ``values``: the whole state after each committed step; ``custom``: what
     tools and hooks wrote with their ``stream_writer``; ``messages``: model
     output chunks (from models that stream).
@@ -64,6 +67,9 @@ class TurnResult(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
     state: S
     duplicate: bool = False
     """True when the message id had already been consumed: nothing was applied."""
+    interrupts: tuple[Interrupt, ...] = ()
+    """The pending interrupts when the turn parked on them (answer them with
+    ``Command(resume=...)``); empty when the turn ended."""
 
     def __getitem__(self, key: str) -> Any:
         return self.state[key]
@@ -88,6 +94,8 @@ class ThreadSnapshot(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
     version: int
     state: S
     next: str | None = None
+    interrupts: tuple[Interrupt, ...] = ()
+    """The interrupts the thread's turn waits on (``status == "interrupted"``)."""
 
     def __getitem__(self, key: str) -> Any:
         return self.state[key]
@@ -95,6 +103,14 @@ class ThreadSnapshot(msgspec.Struct, Generic[S], frozen=True, kw_only=True):
     @property
     def values(self) -> S:
         return self.state
+
+    @property
+    def status(self) -> str:
+        """``"interrupted"`` (a turn waits on ``interrupts``), ``"busy"`` (a turn
+        is in flight) or ``"idle"``."""
+        if self.interrupts:
+            return "interrupted"
+        return "idle" if self.next is None else "busy"
 
 
 class StepOutcome(Generic[S]):
@@ -329,6 +345,8 @@ class ThreadActor(Generic[S]):
                         raise
             if envelope.kind == "input":
                 await self._input(envelope, reply)
+            elif envelope.kind == "resume":
+                await self._resume(envelope, reply)
             elif envelope.kind in ("update", "revert"):
                 await self._update(envelope, reply)
             elif envelope.kind == "fork":
@@ -368,7 +386,7 @@ class ThreadActor(Generic[S]):
             "thread.activated", version=recovered.version, resume=self.turn is not None
         )
         turn = self.turn
-        if turn is None:
+        if turn is None or turn.interrupts:  # (parked on interrupts: waits for an answer)
             return
         if counted:
             turn = await self._count_resume(turn)
@@ -464,6 +482,7 @@ class ThreadActor(Generic[S]):
             version=self._journal.version,
             state=self.state,
             duplicate=duplicate,
+            interrupts=() if self.turn is None else self.turn.interrupts,
         )
 
     async def _input(self, envelope: Envelope, reply: Reply | None) -> None:
@@ -474,6 +493,12 @@ class ThreadActor(Generic[S]):
                 if reply is not None:
                     reply.resolve(self._result(envelope, duplicate=True))
                 return
+        if self.turn is not None and self.turn.interrupts:
+            await self._acknowledge(envelope)  # refused: nothing to keep
+            raise ThreadInterruptedError(
+                f"thread {self.thread_id!r} is interrupted: its turn waits on "
+                f"{[i.id for i in self.turn.interrupts]}; answer with Command(resume=...)"
+            )
         schema = self._ctx.behavior.state_schema
         state = (
             initial_state(schema, envelope.update)
@@ -531,8 +556,32 @@ class ThreadActor(Generic[S]):
                 # resumes since the last step, what a crash loop never gets past.
                 cursor = msgspec.structs.replace(cursor, resumes=0)
             await self._commit(outcome.kind, outcome.updates, outcome.state, cursor, reply)
+            if cursor is not None and cursor.interrupts:
+                emit("updates", {"__interrupt__": list(cursor.interrupts)})
+                break  # parked: a Command(resume=...) continues the turn
         if reply is not None and envelope is not None:
             reply.resolve(self._result(envelope))
+
+    async def _resume(self, envelope: Envelope, reply: Reply | None) -> None:
+        """``resume``: answer the pending interrupts (one ``answer`` step, which
+        consumes the message id), then run the parked turn on from its step."""
+        if envelope.message_id in self._recent:
+            self._ctx.log.info("message.duplicate", message_id=envelope.message_id)
+            await self._acknowledge(envelope)
+            if reply is not None and self.state is not None:
+                reply.resolve(self._result(envelope, duplicate=True))
+            return
+        turn = self.turn
+        if turn is None or not turn.interrupts or self.state is None:
+            await self._acknowledge(envelope)
+            raise InvalidInputError(f"thread {self.thread_id!r} has no pending interrupt to resume")
+        answers = _answers(turn.interrupts, envelope.update.get("resume"))
+        turn = msgspec.structs.replace(
+            turn, interrupts=(), resumed={**turn.resumed, **answers}, resumes=0
+        )
+        await self._commit("answer", [], self.state, turn, reply, consumed=envelope.message_id)
+        await self._acknowledge(envelope)
+        await self._run_turn(turn, reply, envelope)
 
     async def _update(self, envelope: Envelope, reply: Reply | None) -> None:
         """``update``: one step through the reducers. With ``at`` (and for a
@@ -603,6 +652,7 @@ class ThreadActor(Generic[S]):
             version=self.version,
             state=self.state,
             next=None if self.turn is None else self.turn.next,
+            interrupts=() if self.turn is None else self.turn.interrupts,
         )
 
     async def _delete(self, envelope: Envelope, reply: Reply | None) -> None:
@@ -613,6 +663,22 @@ class ThreadActor(Generic[S]):
         await self._acknowledge(envelope)
         if reply is not None:
             reply.resolve(existed)
+
+
+def _answers(pending: tuple[Interrupt, ...], resume: Any) -> dict[str, Any]:
+    """``Command(resume=...)`` as answers by interrupt id: a dict whose keys are
+    the pending ids, or one value when a single interrupt is pending."""
+    ids = [i.id for i in pending]
+    if isinstance(resume, dict) and resume and all(k in ids for k in resume):
+        missing = [i for i in ids if i not in resume]
+        if missing:
+            raise InvalidInputError(f"resume answers no value for the interrupts {missing}")
+        return dict(resume)
+    if len(ids) == 1:
+        return {ids[0]: resume}
+    raise InvalidInputError(
+        f"{len(ids)} interrupts are pending ({ids}): resume with {{interrupt_id: value, ...}}"
+    )
 
 
 def replacement(state: AgentState) -> dict[str, Any]:

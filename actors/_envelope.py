@@ -16,14 +16,16 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 
-EnvelopeKind = Literal["input", "update", "revert", "fork", "delete", "wake"]
+EnvelopeKind = Literal["input", "resume", "update", "revert", "fork", "delete", "wake"]
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One message for one thread actor, serializable.
 
-    ``kind`` is ``"input"`` (start a turn), ``"update"`` (apply a state update
-    as one step; with ``at``, to the state of version ``at``), ``"revert"``
+    ``kind`` is ``"input"`` (start a turn), ``"resume"`` (answer the
+    thread's pending interrupts: ``update`` is ``{"resume": value}``),
+    ``"update"`` (apply a state update as one step; with ``at``, to the state
+    of version ``at``), ``"revert"``
     (one step that makes the state that of version ``at`` again), ``"fork"``
     (create the thread from version ``at`` of thread ``source``),
     ``"delete"``, or ``"wake"`` (activate the thread, which resumes

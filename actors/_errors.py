@@ -34,7 +34,9 @@
     ├── ThreadNotFoundError          no such thread
     │   └── VersionNotFoundError     the thread has no such version (get_state(version=),
     │                                revert, update_state(at=), fork(at=))
-    └── ThreadExistsError            fork onto a thread id that already has state
+    ├── ThreadExistsError            fork onto a thread id that already has state
+    └── ThreadInterruptedError       a plain message to a thread whose turn waits on an
+                                     interrupt (answer with Command(resume=...))
 
 This module is the one home of the tree; it lives in ``threadline.actors``
 because everything else imports that package. ``threadline`` re-exports every
@@ -149,6 +151,11 @@ class ThreadNotFoundError(ThreadlineError, LookupError):
 
 class VersionNotFoundError(ThreadNotFoundError):
     """The thread exists but has no such version: below 1 or past its latest step."""
+
+
+class ThreadInterruptedError(ThreadlineError):
+    """A plain message sent to a thread whose turn is parked on an interrupt;
+    nothing was committed. Answer with ``Command(resume=...)`` instead."""
 
 
 class ThreadExistsError(ThreadlineError):

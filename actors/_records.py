@@ -16,6 +16,19 @@ S = TypeVar("S", bound=AgentState)
 P = TypeVar("P")
 
 
+class Interrupt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A pending question to a human, raised by ``interrupt(value)`` in a tool.
+
+    ``id`` names it in ``Command(resume={id: answer})``; ``value`` is what the
+    tool asked (plain builtins: it is stored with the turn); ``tool_call_id``
+    is the call that asked, the only one that runs again on resume.
+    """
+
+    id: str
+    value: Any = None
+    tool_call_id: str | None = None
+
+
 class TurnCursor(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A turn in flight: which message started it and which step comes next.
 
@@ -33,6 +46,13 @@ class TurnCursor(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """How many times the turn was resumed at ``next`` since its last completed
     step (each resume commits a ``resume`` step first, so a crash loop is
     counted; a completed step starts the count again)."""
+    interrupts: tuple[Interrupt, ...] = ()
+    """Pending interrupts: the turn is parked until a ``Command(resume=...)``
+    answers them (a plain message is refused meanwhile)."""
+    resumed: dict[str, Any] = {}
+    """Answers to this step's interrupts by id, handed back by ``interrupt()``
+    when the interrupted calls run again (dropped when the step completes).
+    Both are empty, and so not written at all, on turns without interrupts."""
 
 
 class StepRecord(msgspec.Struct, Generic[P], frozen=True, kw_only=True, array_like=True):

@@ -55,10 +55,15 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     """Returned by a tool or a hook: a state ``update`` and/or where to go next.
 
     ``goto`` is one of ``"model"``, ``"tools"``, ``"end"`` (hooks only).
+
+    As the input of ``ask``/``tell``/``stream``, ``Command(resume=value)``
+    answers a thread's pending interrupt (``{interrupt_id: value, ...}`` for
+    several); ``update`` and ``goto`` are not taken there.
     """
 
     update: dict[str, Any] | None = None
     goto: Literal["model", "tools", "end"] | None = None
+    resume: Any = msgspec.UNSET
 
 
 _CACHE_IDS_FROM = 64

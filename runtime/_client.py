@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_check
 
 import anyio
 
-from threadline.actors import AgentState, ThreadNotFoundError
+from threadline.actors import AgentState, InvalidInputError, ThreadNotFoundError
 from threadline.actors._api import (
     Envelope,
     Reply,
@@ -160,6 +160,7 @@ async def stored_state(
         version=recovered.version,
         state=recovered.state,
         next=None if turn is None else turn.next,
+        interrupts=() if turn is None else turn.interrupts,
     )
 
 
@@ -203,6 +204,10 @@ class LocalClient(Generic[S]):
         self, thread_id: str, input: Input, *, context: Any = None, message_id: str | None = None
     ) -> str:
         envelope = self._door.input(thread_id, input, context=context, message_id=message_id)
+        if envelope.kind == "resume":
+            # The in-process durable inbox holds inputs only: a resume is
+            # delivered (and made durable by its step) through ask or stream.
+            raise InvalidInputError("in process, resume with ask or stream, not tell")
         system = self._system
         if system.recovering:
             await system.admit(thread_id)
@@ -259,6 +264,7 @@ class LocalClient(Generic[S]):
             version=version,
             state=state,
             next=None if turn is None else turn.next,
+            interrupts=() if turn is None else turn.interrupts,
         )
 
     async def update_state(

@@ -17,21 +17,23 @@ from threadline.actors import (
     AgentState,
     AnyMessage,
     BaseMessage,
+    Command,
     InvalidInputError,
     InvalidThreadIdError,
     MessageTooLargeError,
     coerce_messages,
     normalize_update,
 )
-from threadline.actors._api import Envelope, new_id
+from threadline.actors._api import MAX_NESTING, Envelope, new_id, too_deep
 
 from .agent._requests import ContextCodec
 
 S = TypeVar("S", bound=AgentState)
 
-Input = str | Mapping[str, Any] | AnyMessage | Sequence[Any]
+Input = str | Mapping[str, Any] | AnyMessage | Command | Sequence[Any]
 """What ``ask``/``tell``/``stream`` take: a message (str, OpenAI-style dict or
-message object), a list of them, or a state update dict with ``messages``."""
+message object), a list of them, a state update dict with ``messages``, or
+``Command(resume=...)`` (the answer to a thread's pending interrupts)."""
 
 
 def check_thread_id(thread_id: object, max_length: int) -> str:
@@ -134,9 +136,12 @@ class Door(Generic[S]):
         message_id: str | None = None,
         modes: tuple[str, ...] = (),
     ) -> Envelope:
-        """An ``input`` envelope: starts a turn."""
+        """An ``input`` envelope: starts a turn (a ``Command(resume=...)``: a
+        ``resume`` envelope, which answers the thread's pending interrupts)."""
         self.thread_id(thread_id)
         message_id = new_id() if message_id is None else check_message_id(message_id)
+        if isinstance(input, Command):
+            return self._resume(thread_id, input, message_id, modes)
         update = self._input_update(input, message_id)
         raw_context = self.context.dump(context)
         size = len(self._encoder.encode(update)) + len(self._encoder.encode(raw_context))
@@ -152,6 +157,32 @@ class Door(Generic[S]):
             update=update,
             context=raw_context,
             modes=modes,
+        )
+
+    def _resume(
+        self, thread_id: str, command: Command, message_id: str, modes: tuple[str, ...]
+    ) -> Envelope:
+        if command.resume is msgspec.UNSET or command.update is not None or command.goto:
+            raise InvalidInputError(
+                "a Command as input answers interrupts: Command(resume=value) "
+                "(update and goto are for tools and hooks)"
+            )
+        if too_deep(command.resume):
+            raise InvalidInputError(f"resume value nests deeper than {MAX_NESTING} levels")
+        try:
+            # Stored with the turn: only what reads back as it was.
+            resume = msgspec.msgpack.decode(self._encoder.encode(command.resume))
+        except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+            raise InvalidInputError(f"resume value cannot be stored: {exc}") from exc
+        update = {"resume": resume}
+        size = len(self._encoder.encode(update))
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                f"resume for thread {thread_id!r} is {size} bytes; "
+                f"the limit is {self.max_message_bytes}"
+            )
+        return Envelope(
+            kind="resume", message_id=message_id, thread_id=thread_id, update=update, modes=modes
         )
 
     def update(

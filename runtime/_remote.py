@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, Self, TypeVar
 import anyio
 import msgspec
 
-from threadline.actors import AgentState
+from threadline.actors import AgentState, Interrupt
 from threadline.actors._api import (
     Envelope,
     StepInfo,
@@ -198,7 +198,7 @@ class Client(Generic[S]):
         return envelope.message_id
 
     async def _request(self, envelope: Envelope, modes: tuple[str, ...] = ()) -> tuple[str, str]:
-        run_id = envelope.message_id if envelope.kind == "input" else new_id()
+        run_id = envelope.message_id if envelope.kind in ("input", "resume") else new_id()
         key = self._reply_key(envelope.thread_id, run_id)
         await self._send(
             msgspec.structs.replace(envelope, run_id=run_id, reply_to=key, modes=modes)
@@ -262,7 +262,14 @@ class Client(Generic[S]):
             if event == "values":
                 data = msgspec.convert(data, self.state_schema)
             elif event == "updates":  # as in process: message objects, not dicts
-                data = {kind: [self._update(u) for u in updates] for kind, updates in data.items()}
+                data = {
+                    kind: (
+                        msgspec.convert(updates, list[Interrupt])
+                        if kind == "__interrupt__"
+                        else [self._update(u) for u in updates]
+                    )
+                    for kind, updates in data.items()
+                }
             yield StreamPart(mode=event, data=data, thread_id=thread_id, version=version)
 
     def _update(self, raw: Any) -> dict[str, Any]:

@@ -745,7 +745,7 @@ class Worker(Generic[S]):
         self.system.door.thread_id(envelope.thread_id)
         if envelope.source is not None:
             self.system.door.thread_id(envelope.source)
-        if envelope.kind == "delete":
+        if envelope.kind in ("delete", "resume"):  # (a resume's value is checked by the actor)
             return envelope
         schema = self.agent.state_schema
         update = normalize_update(

@@ -17,7 +17,10 @@ steps (``ActorSystem.history``) and hand both to :func:`check`. The verdicts:
 ``forked``
     the same version twice (or going backwards), or a turn cursor that does
     not continue the turn in flight: an input while a turn is unfinished, a
-    step of another message's turn, a step other than the cursor's ``next``.
+    step of another message's turn, a step other than the cursor's ``next``,
+    a step of a turn parked on interrupts before an ``answer`` step (which
+    consumes the ``Command(resume=...)`` message) answered them, an answer
+    with no interrupt pending.
 ``skipped``
     versions that are not 1..n contiguous.
 ``unbacked``
@@ -52,7 +55,10 @@ VERDICTS = ("lost", "duplicated", "reordered", "forked", "skipped", "unbacked", 
 
 # Step kinds the actor writes itself; every other kind is a behavior step and
 # must be the one its turn's cursor named as ``next``.
-BOOKKEEPING = frozenset({"input", "update", "abort", "resume"})
+BOOKKEEPING = frozenset({"input", "update", "abort", "resume", "answer"})
+# Steps that consume a message id: an input starts a turn, an answer (to the
+# turn's pending interrupts) continues one.
+CONSUMING = frozenset({"input", "answer"})
 
 
 class Op(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -384,17 +390,17 @@ def _check_steps(report: Report, thread: str, steps: Sequence[StepInfo]) -> dict
         expected = max(expected, v + 1)
         _check_cursor(report, thread, step, turn)
         turn = step.turn
-        if step.kind == "input":
+        if step.kind in CONSUMING:
             message_id = step.consumed
             if message_id is None:
-                report.add("forked", thread, None, f"input step {v} consumed no message id")
+                report.add("forked", thread, None, f"{step.kind} step {v} consumed no message id")
                 continue
             if message_id in inputs:
                 report.add(
                     "duplicated",
                     thread,
                     message_id,
-                    f"applied twice: input steps at versions {inputs[message_id]} and {v}",
+                    f"applied twice: steps at versions {inputs[message_id]} and {v}",
                 )
             else:
                 inputs[message_id] = v
@@ -438,6 +444,22 @@ def _check_cursor(report: Report, thread: str, step: StepInfo, turn: Any) -> Non
         if new is not None:
             report.add("forked", thread, turn.message_id, f"abort step {v} left a turn open")
         return
+    if kind == "answer":
+        if not turn.interrupts:
+            report.add("forked", thread, step.consumed, f"answer step {v}: nothing pending")
+        elif new is None or (new.message_id, new.next) != (turn.message_id, turn.next):
+            report.add("forked", thread, turn.message_id, f"answer step {v} moved the turn")
+        elif new.interrupts:
+            report.add("forked", thread, turn.message_id, f"answer step {v} left them pending")
+        return
+    if turn.interrupts:
+        report.add(
+            "forked",
+            thread,
+            turn.message_id,
+            f"{kind!r} step {v} while the turn waited on interrupts no answer step answered",
+        )
+        return
     if kind == "resume":
         if new is None or (new.message_id, new.next) != (turn.message_id, turn.next):
             report.add("forked", thread, turn.message_id, f"resume step {v} moved the turn")
@@ -467,11 +489,15 @@ def _check_cursor(report: Report, thread: str, step: StepInfo, turn: Any) -> Non
 
 
 def _turn_end(steps: Sequence[StepInfo], index: int) -> tuple[str | None, bool]:
-    """The message whose turn holds ``steps[index]`` and whether that step ends it."""
+    """The message whose reply may report ``steps[index]`` (that of the last step
+    consuming one) and whether that step ends the reply's part of the turn
+    (the turn ended, or parked on interrupts)."""
+    turn = steps[index].turn
+    ends = turn is None or bool(turn.interrupts)
     for s in reversed(steps[: index + 1]):
-        if s.kind == "input":
-            return s.consumed, steps[index].turn is None
-    return None, steps[index].turn is None
+        if s.kind in CONSUMING:
+            return s.consumed, ends
+    return None, ends
 
 
 def _check_ops(

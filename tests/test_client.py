@@ -7,6 +7,7 @@ thread is plain data: it survives an encode/decode round trip.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from threadline import (
     AgentState,
     AIMessage,
     Client,
+    Command,
     HumanMessage,
+    Interrupt,
     InvalidInputError,
     InvalidThreadIdError,
     InvalidUpdateError,
@@ -30,11 +33,13 @@ from threadline import (
     ScriptedModel,
     ThreadClient,
     ThreadExistsError,
+    ThreadInterruptedError,
     ThreadNotFoundError,
     ToolCall,
     TurnFailedError,
     VersionNotFoundError,
     Worker,
+    interrupt,
     tool,
 )
 from threadline.actors import Envelope, coerce_messages, normalize_update
@@ -48,10 +53,22 @@ class Notes(AgentState):
     topic: str = ""
 
 
+RUNS: Counter[str] = Counter()
+
+
 @tool
 def shout(text: str) -> str:
     """Shout the text."""
+    RUNS["shout"] += 1
     return text.upper()
+
+
+@tool
+async def approve(text: str) -> str:
+    """Ask a human to approve the text."""
+    RUNS["approve"] += 1
+    answer = interrupt({"approve": text})
+    return f"{text}: {answer}"
 
 
 def model(request: ModelRequest[Any]) -> str | AIMessage:
@@ -59,6 +76,15 @@ def model(request: ModelRequest[Any]) -> str | AIMessage:
     if isinstance(last, HumanMessage) and last.content.startswith("shout "):
         return AIMessage(
             "", tool_calls=[ToolCall(id="c1", name="shout", args={"text": last.content[6:]})]
+        )
+    if isinstance(last, HumanMessage) and last.content.startswith("approve "):
+        text = last.content[8:]
+        return AIMessage(
+            "",
+            tool_calls=[
+                ToolCall(id="c1", name="shout", args={"text": text}),
+                ToolCall(id="c2", name="approve", args={"text": text}),
+            ],
         )
     if isinstance(last, HumanMessage) and last.content == "fail":
         raise RuntimeError("the model broke")
@@ -69,7 +95,9 @@ def model(request: ModelRequest[Any]) -> str | AIMessage:
 async def client(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[ThreadClient[Any]]:
-    agent: Agent[Notes] = Agent(model=ScriptedModel(model), tools=[shout], state_schema=Notes)
+    agent: Agent[Notes] = Agent(
+        model=ScriptedModel(model), tools=[shout, approve], state_schema=Notes
+    )
     if request.param == "local":
         async with ActorSystem(agent, snapshots=tmp_path / "threads.db") as system:
             yield system.client
@@ -318,3 +346,37 @@ async def test_fork_is_cheap_and_independent(client: ThreadClient[Any]) -> None:
     with pytest.raises(ThreadNotFoundError):
         await client.get_state("child-3")
     assert sorted(await client.threads()) == ["child", "child-2", "parent"]
+
+
+async def test_an_interrupt_parks_the_turn_and_a_resume_finishes_it(
+    client: ThreadClient[Any],
+) -> None:
+    RUNS.clear()
+    result = await client.ask("t", "approve go")
+    assert result.interrupts == (Interrupt(id="c2:0", value={"approve": "go"}, tool_call_id="c2"),)
+    assert [m.content for m in result.messages if m.type == "tool"] == ["GO"]
+    snapshot = await client.get_state("t")
+    assert snapshot.status == "interrupted" and snapshot.interrupts == result.interrupts
+    with pytest.raises(ThreadInterruptedError):
+        await client.ask("t", "a plain message")
+    assert (await client.get_state("t")).version == result.version
+    with pytest.raises(InvalidInputError, match="answers interrupts"):
+        await client.ask("t", Command(goto="end"))
+    final = await client.ask("t", Command(resume="yes"))
+    assert final.interrupts == () and final.text == "echo: go: yes"
+    assert RUNS == {"shout": 1, "approve": 2}  # only the interrupted call ran again
+    assert (await client.get_state("t")).status == "idle"
+    kinds = [s.kind for s in await client.history("t")]
+    assert kinds == ["input", "model", "tools", "answer", "tools", "model"]
+
+
+async def test_stream_yields_the_interrupt_and_resumes(client: ThreadClient[Any]) -> None:
+    RUNS.clear()
+    parts = [p async for p in client.stream("s", "approve it")]
+    assert [next(iter(p.data)) for p in parts] == ["input", "model", "tools", "__interrupt__"]
+    (pending,) = parts[-1].data["__interrupt__"]
+    assert pending == Interrupt(id="c2:0", value={"approve": "it"}, tool_call_id="c2")
+    parts = [p async for p in client.stream("s", Command(resume={"c2:0": "fine"}))]
+    assert [next(iter(p.data)) for p in parts] == ["answer", "tools", "model"]
+    assert parts[-1].data["model"][0]["messages"][0].content == "echo: it: fine"
+    assert RUNS == {"shout": 1, "approve": 2}

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from threadline import HumanMessage, StepInfo
+from threadline import HumanMessage, Interrupt, StepInfo
 from threadline.runtime import ActorSystem
 
 from ._faults import make_agent
@@ -358,3 +358,60 @@ def test_a_resume_step_keeps_the_turn_where_it_was() -> None:
     # The resume, and the model step where the moved cursor said "tools".
     assert verdicts(report) == {"forked": 2}
     assert "resume step 2 moved the turn" in report.violations[0].detail
+
+
+def parked(step_info: StepInfo, *, interrupts: bool = True, resumed: bool = False) -> StepInfo:
+    """``step_info`` with its cursor holding a pending interrupt (or its answer)."""
+    assert step_info.turn is not None
+    turn = step_info.turn
+    if interrupts:
+        turn = msgspec.structs.replace(
+            turn, interrupts=(Interrupt(id="c:0", value="ok?", tool_call_id="c"),)
+        )
+    if resumed:
+        turn = msgspec.structs.replace(turn, resumed={"c:0": "yes"})
+    return msgspec.structs.replace(step_info, turn=turn)
+
+
+def interrupted_turn() -> list[StepInfo]:
+    """m1 parks on an interrupt at version 3; r1 answers it at version 4."""
+    return [
+        step(1, "input", "m1", "model", consumed="m1"),
+        step(2, "model", "m1", "tools", model_calls=1),
+        parked(step(3, "tools", "m1", "tools", model_calls=1)),
+        parked(
+            step(4, "answer", "m1", "tools", model_calls=1, consumed="r1"),
+            interrupts=False,
+            resumed=True,
+        ),
+        step(5, "tools", "m1", "model", model_calls=1, tool_calls=1),
+        step(6, "model"),
+    ]
+
+
+def test_an_answered_interrupt_passes_and_its_replies_are_backed() -> None:
+    h = History()
+    asked(h, "t", "m1", 3)  # the reply that carried the interrupt
+    asked(h, "t", "r1", 6)  # the resume's reply: the end of the turn
+    report = check(h.ops, {"t": interrupted_turn()})
+    assert report.ok, report.summary()
+    assert report.inputs == 2  # the answer consumed its message id
+    # An answer that is lost is lost like any acknowledged message.
+    lost = [s for s in interrupted_turn() if s.kind != "answer"]
+    assert verdicts(check(h.ops, {"t": renumber(lost)})).get("lost") == 1
+
+
+def test_forked_a_step_of_a_parked_turn_before_its_answer() -> None:
+    steps = interrupted_turn()
+    del steps[3]  # the tools step ran again with nobody answering
+    report = check([], {"t": renumber(steps)}, phantoms=False)
+    assert verdicts(report) == {"forked": 1}
+    assert "waited on interrupts" in report.violations[0].detail
+
+
+def test_forked_an_answer_with_nothing_pending() -> None:
+    steps = interrupted_turn()
+    steps[2] = step(3, "tools", "m1", "tools", model_calls=1)  # it did not park
+    report = check([], {"t": steps}, phantoms=False)
+    assert verdicts(report) == {"forked": 1}
+    assert "nothing pending" in report.violations[0].detail

@@ -25,6 +25,7 @@ from threadline.actors import Command as Command
 from threadline.actors import ConflictError as ConflictError
 from threadline.actors import FencedError as FencedError
 from threadline.actors import HumanMessage as HumanMessage
+from threadline.actors import Interrupt as Interrupt
 from threadline.actors import InvalidContextError as InvalidContextError
 from threadline.actors import InvalidInputError as InvalidInputError
 from threadline.actors import InvalidMessageError as InvalidMessageError
@@ -49,6 +50,7 @@ from threadline.actors import StoreUnavailableError as StoreUnavailableError
 from threadline.actors import SystemClosedError as SystemClosedError
 from threadline.actors import SystemMessage as SystemMessage
 from threadline.actors import ThreadExistsError as ThreadExistsError
+from threadline.actors import ThreadInterruptedError as ThreadInterruptedError
 from threadline.actors import ThreadlineError as ThreadlineError
 from threadline.actors import ThreadNotFoundError as ThreadNotFoundError
 from threadline.actors import ToolCall as ToolCall
@@ -95,6 +97,7 @@ from threadline.runtime import tool as tool
 from threadline.runtime import trim_messages as trim_messages
 from threadline.runtime import wrap_model_call as wrap_model_call
 from threadline.runtime import wrap_tool_call as wrap_tool_call
+from threadline.runtime.agent import interrupt as interrupt
 
 try:
     __version__: str = _version("threadline")
@@ -116,6 +119,7 @@ __all__ = (
     "ConflictError",
     "FencedError",
     "HumanMessage",
+    "Interrupt",
     "InvalidContextError",
     "InvalidInputError",
     "InvalidMessageError",
@@ -158,6 +162,7 @@ __all__ = (
     "SystemMessage",
     "ThreadClient",
     "ThreadExistsError",
+    "ThreadInterruptedError",
     "ThreadNotFoundError",
     "ThreadSnapshot",
     "ThreadlineError",
@@ -177,6 +182,7 @@ __all__ = (
     "before_model",
     "count_tokens_approximately",
     "dynamic_prompt",
+    "interrupt",
     "open_snapshot_store",
     "tool",
     "trim_messages",

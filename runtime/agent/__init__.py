@@ -14,6 +14,7 @@ from ._requests import ModelRequest as ModelRequest
 from ._requests import Runtime as Runtime
 from ._requests import ToolCallRequest as ToolCallRequest
 from ._requests import ToolRuntime as ToolRuntime
+from ._requests import interrupt as interrupt
 from ._tools import Tool as Tool
 from ._tools import tool as tool
 from ._trim import TokenCounter as TokenCounter
@@ -38,6 +39,7 @@ __all__ = (
     "before_model",
     "count_tokens_approximately",
     "dynamic_prompt",
+    "interrupt",
     "remove_messages",
     "safe_cut",
     "tool",

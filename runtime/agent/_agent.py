@@ -12,6 +12,7 @@ from threadline.actors import (
     AgentState,
     AIMessage,
     Command,
+    Interrupt,
     InvalidUpdateError,
     ToolMessage,
     apply_update,
@@ -37,7 +38,16 @@ from ._middleware import (
     ToolHandler,
     maybe_await,
 )
-from ._requests import ContextCodec, ModelRequest, Runtime, ToolCallRequest, ToolRuntime
+from ._requests import (
+    _CURRENT,
+    ContextCodec,
+    GraphInterrupt,
+    ModelRequest,
+    Runtime,
+    ToolCallRequest,
+    ToolRuntime,
+    _Interrupts,
+)
 from ._tools import Tool, as_tool
 
 S = TypeVar("S", bound=AgentState)
@@ -285,9 +295,12 @@ class Agent(Generic[S]):
         calls = pending_tool_calls(state.messages)
         results: list[ToolMessage | Command | None] = [None] * len(calls)
         errors: list[BaseException] = []
+        asked: list[Interrupt | None] = [None] * len(calls)
 
         async def run(index: int) -> None:
             call = calls[index]
+            interrupts = _Interrupts(call.id, turn.resumed)
+            _CURRENT.set(interrupts)  # (this task's own context)
             request: ToolCallRequest[Any] = ToolCallRequest(
                 tool_call=call,
                 tool=self.tools.get(call.name),
@@ -300,10 +313,13 @@ class Agent(Generic[S]):
                     thread_id=runtime.thread_id,
                     resources=runtime.resources,
                     emit=runtime.emit,
+                    interrupts=interrupts,
                 ),
             )
             try:
                 results[index] = await self._tool_chain(request)
+            except GraphInterrupt as signal:  # parks the turn once the siblings finish
+                asked[index] = signal.interrupt
             except Exception as exc:  # a wrap_tool_call hook failed: fails the turn
                 errors.append(exc)
 
@@ -314,8 +330,11 @@ class Agent(Generic[S]):
             raise errors[0]
         step = _Step(self._schema, state)
         goto: str | None = None
+        pending = tuple(a for a in asked if a is not None)
         for call, result in zip(calls, results, strict=True):
             source = f"tool {call.name!r}"
+            if result is None and pending:
+                continue  # interrupted: it runs again on resume
             if isinstance(result, ToolMessage):
                 step.apply({"messages": [result]}, source)
                 continue
@@ -332,6 +351,12 @@ class Agent(Generic[S]):
                     "add ToolMessage(..., tool_call_id=runtime.tool_call_id) to update['messages']"
                 )
             goto = step.apply_result(result, source) or goto
+        if pending:
+            # The finished siblings' results are committed with the step; the
+            # turn waits at "tools" for the answers (only the unanswered calls
+            # run then: ``pending_tool_calls``).
+            parked = msgspec.structs.replace(turn, next="tools", interrupts=pending)
+            return StepOutcome("tools", step.updates, step.state, parked)
         direct = all(
             self.tools.get(c.name) is not None and self.tools[c.name].return_direct for c in calls
         )
@@ -341,7 +366,9 @@ class Agent(Generic[S]):
         if goto == "end":
             await self._run_hooks("after_agent", step, runtime, reverse=True)
         else:
-            nxt = msgspec.structs.replace(turn, next=goto, tool_calls=turn.tool_calls + len(calls))
+            nxt = msgspec.structs.replace(
+                turn, next=goto, tool_calls=turn.tool_calls + len(calls), resumed={}
+            )
         return StepOutcome("tools", step.updates, step.state, nxt)
 
 

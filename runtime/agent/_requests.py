@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -9,7 +10,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
-from threadline.actors import AgentState, AnyMessage, InvalidContextError, ToolCall
+from threadline.actors import (
+    AgentState,
+    AnyMessage,
+    Interrupt,
+    InvalidContextError,
+    InvalidUpdateError,
+    ToolCall,
+)
 from threadline.actors._api import MAX_NESTING, Emit, too_deep
 
 if TYPE_CHECKING:
@@ -37,6 +45,56 @@ class Runtime(Generic[C]):
         self.emit("custom", data)
 
 
+class GraphInterrupt(BaseException):
+    """How ``interrupt()`` leaves a tool: caught by the tools step, which parks
+    the turn. A ``BaseException`` (like ``CancelledError``), so that a tool's or
+    a wrapper's ``except Exception`` does not swallow it."""
+
+    def __init__(self, interrupt: Interrupt) -> None:
+        super().__init__(interrupt.id)
+        self.interrupt = interrupt
+
+
+class _Interrupts:
+    """One tool call's interrupt bookkeeping: answers by id, and a counter that
+    gives the n-th ``interrupt()`` of the call the same id on every run."""
+
+    __slots__ = ("count", "resumed", "tool_call_id")
+
+    def __init__(self, tool_call_id: str, resumed: Mapping[str, Any]) -> None:
+        self.tool_call_id = tool_call_id
+        self.resumed = resumed
+        self.count = 0
+
+    def ask(self, value: Any) -> Any:
+        interrupt_id = f"{self.tool_call_id}:{self.count}"
+        self.count += 1
+        if interrupt_id in self.resumed:
+            return self.resumed[interrupt_id]
+        try:
+            # Stored with the turn: only what reads back as it was.
+            stored = _ANY.decode(_ENCODER.encode(value))
+        except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+            raise InvalidUpdateError(f"interrupt value cannot be stored: {exc}") from exc
+        raise GraphInterrupt(
+            Interrupt(id=interrupt_id, value=stored, tool_call_id=self.tool_call_id)
+        )
+
+
+_CURRENT: contextvars.ContextVar[_Interrupts] = contextvars.ContextVar("threadline_interrupts")
+
+
+def interrupt(value: Any) -> Any:
+    """Ask a human: park the turn with ``value`` as a pending interrupt; when the
+    thread is resumed with ``Command(resume=answer)``, the tool call runs again
+    and this returns ``answer``. Callable from a tool (or a ``wrap_tool_call``
+    hook) while it runs; ``runtime.interrupt(value)`` is the same."""
+    current = _CURRENT.get(None)
+    if current is None:
+        raise RuntimeError("interrupt() is callable only while a tool call runs")
+    return current.ask(value)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ToolRuntime(Generic[C, S]):
     """Injected into a tool parameter annotated ``ToolRuntime`` (hidden from the model)."""
@@ -48,9 +106,16 @@ class ToolRuntime(Generic[C, S]):
     thread_id: str
     resources: Mapping[str, Any]
     emit: Emit = dataclasses.field(repr=False)
+    interrupts: _Interrupts | None = dataclasses.field(default=None, repr=False)
 
     def stream_writer(self, data: Any) -> None:
         self.emit("custom", data)
+
+    def interrupt(self, value: Any) -> Any:
+        """See ``threadline.interrupt``."""
+        if self.interrupts is None:
+            raise RuntimeError("this runtime's tool call cannot be interrupted")
+        return self.interrupts.ask(value)
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)

@@ -246,6 +246,7 @@ class Tool:
                 thread_id=runtime.thread_id,
                 resources=runtime.resources,
                 emit=lambda mode, data: anyio.from_thread.run_sync(emit, mode, data),
+                interrupts=runtime.interrupts,
             )
         return await anyio.to_thread.run_sync(functools.partial(self.fn, **kwargs))
 
