@@ -397,7 +397,7 @@ class ThreadActor(Generic[S]):
             await self._run_turn(turn, None)
 
     async def _count_resume(self, turn: TurnCursor) -> TurnCursor | None:
-        """Commit a ``resume`` step (the cursor counts it), or, past
+        """Commit a ``resumed`` step (the cursor counts it), or, past
         ``max_resumes``, an ``abort`` step (None: nothing to run).
 
         Counted durably before the turn runs again: a turn that takes its
@@ -417,7 +417,7 @@ class ThreadActor(Generic[S]):
             await self._commit("abort", [], self.state, None, None, error=error)
             return None
         turn = msgspec.structs.replace(turn, resumes=turn.resumes + 1)
-        await self._commit("resume", [], self.state, turn, None)
+        await self._commit("resumed", [], self.state, turn, None)
         return turn
 
     # -- steps -------------------------------------------------------------------

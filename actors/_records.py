@@ -44,7 +44,7 @@ class TurnCursor(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tool_calls: int = 0
     resumes: int = 0
     """How many times the turn was resumed at ``next`` since its last completed
-    step (each resume commits a ``resume`` step first, so a crash loop is
+    step (each resume commits a ``resumed`` step first, so a crash loop is
     counted; a completed step starts the count again)."""
     interrupts: tuple[Interrupt, ...] = ()
     """Pending interrupts: the turn is parked until a ``Command(resume=...)``

@@ -58,7 +58,7 @@ class ActorSystem(Generic[S]):
     The system owns every actor task in its task group; leaving the block
     finishes in-flight turns (for up to ``shutdown_timeout`` seconds) and then
     cancels what is left, which stays durably parked at its last committed
-    step and resumes on next activation. Each resume commits a ``resume``
+    step and resumes on next activation. Each resume commits a ``resumed``
     step first; a turn found parked at the same step after ``max_resumes``
     resumes (its process stopped each time before the step completed: a tool
     that crashes it, say) is aborted instead (an ``abort`` step), so it cannot

@@ -55,7 +55,7 @@ VERDICTS = ("lost", "duplicated", "reordered", "forked", "skipped", "unbacked", 
 
 # Step kinds the actor writes itself; every other kind is a behavior step and
 # must be the one its turn's cursor named as ``next``.
-BOOKKEEPING = frozenset({"input", "update", "abort", "resume", "answer"})
+BOOKKEEPING = frozenset({"input", "update", "abort", "resumed", "answer"})
 # Steps that consume a message id: an input starts a turn, an answer (to the
 # turn's pending interrupts) continues one.
 CONSUMING = frozenset({"input", "answer"})
@@ -460,9 +460,9 @@ def _check_cursor(report: Report, thread: str, step: StepInfo, turn: Any) -> Non
             f"{kind!r} step {v} while the turn waited on interrupts no answer step answered",
         )
         return
-    if kind == "resume":
+    if kind == "resumed":
         if new is None or (new.message_id, new.next) != (turn.message_id, turn.next):
-            report.add("forked", thread, turn.message_id, f"resume step {v} moved the turn")
+            report.add("forked", thread, turn.message_id, f"resumed step {v} moved the turn")
         return
     if kind not in BOOKKEEPING and kind != turn.next:
         report.add(

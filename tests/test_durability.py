@@ -101,7 +101,7 @@ def test_sigkill_between_steps_then_a_new_process_finishes_the_turn_once(
             assert [m.tool_call_id for m in answers] == [call.tool_calls[0].id]
             assert messages[3].content == "tool said worked"
             kinds = [s.kind for s in await system.history("thread-1")]
-            assert kinds == ["input", "model", "resume", "tools", "model", "input", "model"]
+            assert kinds == ["input", "model", "resumed", "tools", "model", "input", "model"]
 
     anyio.run(check)
     # The tool ran once in the killed process (uncommitted) and once on resume.
@@ -138,7 +138,7 @@ def test_a_turn_that_kills_its_process_at_every_start_is_aborted_after_max_resum
         async with ActorSystem(make_agent(None, None), snapshots=open_store(spec)) as system:
             history = await system.history("t")
         kinds = [s.kind for s in history]
-        assert kinds == ["input", "model", "resume", "resume", "abort", "input", "model"]
+        assert kinds == ["input", "model", "resumed", "resumed", "abort", "input", "model"]
         assert [s.turn.resumes for s in history[2:4] if s.turn is not None] == [1, 2]
         error = history[4].error or ""
         assert "resumed 2 times at step 'tools'" in error and "max_resumes 2" in error

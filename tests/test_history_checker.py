@@ -349,15 +349,15 @@ def test_a_resume_step_keeps_the_turn_where_it_was() -> None:
     asked(h, "t", "m1", 3)
     resumed = [
         step(1, "input", "m1", "model", consumed="m1"),
-        step(2, "resume", "m1", "model"),
+        step(2, "resumed", "m1", "model"),
         step(3, "model"),
     ]
     assert check(h.ops, {"t": resumed}).ok
-    resumed[1] = step(2, "resume", "m1", "tools")  # a resume that skipped the model step
+    resumed[1] = step(2, "resumed", "m1", "tools")  # a resume that skipped the model step
     report = check(h.ops, {"t": resumed})
     # The resume, and the model step where the moved cursor said "tools".
     assert verdicts(report) == {"forked": 2}
-    assert "resume step 2 moved the turn" in report.violations[0].detail
+    assert "resumed step 2 moved the turn" in report.violations[0].detail
 
 
 def parked(step_info: StepInfo, *, interrupts: bool = True, resumed: bool = False) -> StepInfo:

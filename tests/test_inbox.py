@@ -226,7 +226,7 @@ async def test_a_turn_parked_by_the_shutdown_timeout_resumes_on_restart(
             # (The live actor takes the last commit's state a moment after the
             # store has it: wait for both.)
             live = await system.get_state("t")
-            return kinds == ["input", "resume", "model"] and live.version == 3
+            return kinds == ["input", "resumed", "model"] and live.version == 3
 
         await eventually(resumed)
         snapshot = await system.get_state("t")
@@ -258,7 +258,7 @@ async def test_told_messages_left_in_the_mailbox_at_shutdown_run_on_restart(
         assert await consumed(system, "t") == ["m0", "m1", "m2", "m3", "m4", "new"]
         assert await consumed(system, "u") == ["u0"]
         kinds = [s.kind for s in await system.history("t")]
-        assert kinds == ["input", "resume", "model"] + ["input", "model"] * 5
+        assert kinds == ["input", "resumed", "model"] + ["input", "model"] * 5
 
 
 async def test_an_undecodable_inbox_entry_is_dead_lettered_and_the_thread_goes_on(
