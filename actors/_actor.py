@@ -437,26 +437,17 @@ class ThreadActor(Generic[S]):
     ) -> None:
         if consumed is not None:
             self._recent = (*self._recent, consumed)[-self._ctx.keep_consumed :]
-        if at is None:  # (the hot path passes what it always did)
-            await self._journal.commit(
-                kind=kind,
-                updates=updates,
-                state=state,
-                turn=turn,
-                consumed=consumed,
-                recent=self._recent,
-                error=error,
-            )
-        else:
-            await self._journal.commit(
-                kind=kind,
-                updates=updates,
-                state=state,
-                turn=turn,
-                recent=self._recent,
-                at=at,
-                parent=parent,
-            )
+        await self._journal.commit(
+            kind=kind,
+            updates=updates,
+            state=state,
+            turn=turn,
+            consumed=consumed,
+            recent=self._recent,
+            error=error,
+            at=at,
+            parent=parent,
+        )
         self.state, self.turn = state, turn
         version = self._journal.version
         self._ctx.log.debug("step.committed", version=version, kind=kind)
