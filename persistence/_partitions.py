@@ -119,7 +119,11 @@ class PartitionKeys(msgspec.Struct, frozen=True, kw_only=True):
 
     def thread(self, thread_id: str, part: str) -> str:
         """A key of a thread of this partition: ``part`` is head, steps, full or runs."""
-        return f"{self.base}:t:{escape_key_id(thread_id)}:{part}"
+        return self.thread_prefix(thread_id) + part
+
+    def thread_prefix(self, thread_id: str) -> str:
+        """What every key of the thread starts with (its keys are this + part)."""
+        return f"{self.base}:t:{escape_key_id(thread_id)}:"
 
     def reply(self, run_id: str) -> str:
         return f"{self.base}:r:{escape_key_id(run_id)}"

@@ -337,6 +337,21 @@ def _as_str(value: bytes | str) -> str:
 _Request = CommitRequest | AcquireRequest | EnqueueRequest
 
 
+class _ThreadKeys(NamedTuple):
+    """A thread's keys (``fulls``: the full records kept as checkpoints, version ->
+    record), its partition's lease key and its partition."""
+
+    head: str
+    steps: str
+    full: str
+    inbox: str
+    told: str
+    dead: str
+    fulls: str
+    lease: str
+    partition: int
+
+
 class _Call(NamedTuple):
     """One script call for the cluster path; all its keys are in one slot."""
 
@@ -474,42 +489,35 @@ class RedisSnapshotStore(Reentrant):
             raise StoreUnavailableError("store is closed")
         return self._layout
 
-    def _keys(self, thread_id: str) -> tuple[str, str, str]:
-        keys = self.layout.for_thread(thread_id)
-        return (
-            keys.thread(thread_id, "head"),
-            keys.thread(thread_id, "steps"),
-            keys.thread(thread_id, "full"),
-        )
-
-    def _fulls_key(self, thread_id: str) -> str:
-        """The hash of the full records kept as checkpoints (version -> record)."""
-        return self.layout.for_thread(thread_id).thread(thread_id, "fulls")
-
-    def _inbox_keys(self, thread_id: str) -> tuple[str, str, str]:
-        """The thread's inbox (ids), its entries (id -> envelope) and its dead letters."""
-        keys = self.layout.for_thread(thread_id)
-        return (
-            keys.thread(thread_id, "inbox"),
-            keys.thread(thread_id, "told"),
-            keys.thread(thread_id, "dead"),
-        )
-
-    def _fence(self, thread_id: str) -> tuple[str, str | None, int]:
-        """The thread's partition lease key, the token to check ('' = unfenced;
-        None = this process holds no lease of it) and the partition."""
+    def _keys(self, thread_id: str) -> _ThreadKeys:
+        """Every key of the thread (and its partition's lease), from one hash."""
         partition = self.layout.partition_of(thread_id)
-        lease = self.layout.partition(partition).lease
-        if self._lease_token is None:
-            return lease, "", partition
-        return lease, self._lease_token(partition), partition
+        keys = self.layout.partition(partition)
+        base = keys.thread_prefix(thread_id)
+        return _ThreadKeys(
+            head=base + "head",
+            steps=base + "steps",
+            full=base + "full",
+            inbox=base + "inbox",
+            told=base + "told",
+            dead=base + "dead",
+            fulls=base + "fulls",
+            lease=keys.lease,
+            partition=partition,
+        )
+
+    def _token(self, partition: int) -> str | None:
+        """The lease token to check ('' = unfenced; None = this process holds no
+        lease of ``partition``)."""
+        return "" if self._lease_token is None else self._lease_token(partition)
 
     # -- reads -------------------------------------------------------------
 
     async def load(self, thread_id: str) -> StoredThread | None:
         self._check_open()
         with mapped("load"):
-            reply = await self._load_script(keys=list(self._keys(thread_id)))
+            k = self._keys(thread_id)
+            reply = await self._load_script(keys=[k.head, k.steps, k.full])
         if isinstance(reply, int):  # no head
             check_records(thread_id, None, reply)
             return None
@@ -536,7 +544,7 @@ class RedisSnapshotStore(Reentrant):
         start = max(start, 1)
         if stop is not None and stop < start:
             return []
-        _, steps_key, _ = self._keys(thread_id)
+        steps_key = self._keys(thread_id).steps
         with mapped("read_steps"):
             steps = await self._client.lrange(
                 steps_key,
@@ -551,7 +559,7 @@ class RedisSnapshotStore(Reentrant):
         self._check_open()
         if limit < 1 or (before is not None and before <= 1):
             return []
-        _, steps_key, _ = self._keys(thread_id)
+        steps_key = self._keys(thread_id).steps
         with mapped("read_steps_before"):
             steps = await self._steps_before_script(
                 keys=[steps_key],
@@ -561,7 +569,8 @@ class RedisSnapshotStore(Reentrant):
 
     async def load_at(self, thread_id: str, version: int) -> StoredVersion | None:
         self._check_open()
-        keys = [*self._keys(thread_id), self._fulls_key(thread_id)]
+        k = self._keys(thread_id)
+        keys = [k.head, k.steps, k.full, k.fulls]
         with mapped("load_at"):
             reply = await self._load_at_script(keys=keys, args=[max(min(version, _MAX_INDEX), -1)])
         if reply is None:
@@ -590,7 +599,7 @@ class RedisSnapshotStore(Reentrant):
                 chunk = candidates[i : i + _INDEX_CHUNK]
                 async with self._client.pipeline(transaction=False) as pipe:
                     for thread_id in chunk:
-                        pipe.hget(self._keys(thread_id)[0], "version")
+                        pipe.hget(self._keys(thread_id).head, "version")
                     versions = await pipe.execute()
                 live.extend(
                     tid
@@ -612,21 +621,21 @@ class RedisSnapshotStore(Reentrant):
 
     async def delete(self, thread_id: str, *, epoch: int | None = None) -> bool:
         self._check_open()
-        keys = self._keys(thread_id)
-        lease, token, partition = self._fence(thread_id)
+        k = self._keys(thread_id)
+        token = self._token(k.partition)
         if token is None:
-            raise _lease_lost(thread_id, partition, "delete")
+            raise _lease_lost(thread_id, k.partition, "delete")
         with mapped("delete"):
             reply = await self._eval(
                 self._delete_script,
-                (*keys, lease, self._fulls_key(thread_id)),
+                (k.head, k.steps, k.full, k.lease, k.fulls),
                 ("" if epoch is None else epoch, token),
             )
         status, value = int(reply[0]), int(reply[1])
         if status == -1:
             return False
         if status == 2:
-            raise _lease_lost(thread_id, partition, "delete")
+            raise _lease_lost(thread_id, k.partition, "delete")
         if status == 1:
             assert epoch is not None
             check_fence(thread_id, value, epoch)
@@ -637,15 +646,15 @@ class RedisSnapshotStore(Reentrant):
             if self._cluster is None:
                 async with self._client.pipeline(transaction=False) as pipe:
                     pipe.srem(self._index, thread_id)
-                    pipe.hget(keys[0], "version")
-                    pipe.llen(self._inbox_keys(thread_id)[0])
+                    pipe.hget(k.head, "version")
+                    pipe.llen(k.inbox)
                     _, version, queued = await pipe.execute()
             else:
                 # The index is on another node: the look must follow the SREM.
                 await self._cluster.srem(self._index, thread_id)
                 async with self._cluster.pipeline(transaction=False) as cpipe:
-                    cpipe.hget(keys[0], "version")
-                    cpipe.llen(self._inbox_keys(thread_id)[0])
+                    cpipe.hget(k.head, "version")
+                    cpipe.llen(k.inbox)
                     version, queued = await cpipe.execute()
             if (version is not None and int(version) > 0) or int(queued) > 0:
                 await self._client.sadd(self._index, thread_id)
@@ -662,11 +671,11 @@ class RedisSnapshotStore(Reentrant):
 
     async def pending(self, thread_id: str) -> list[InboxEntry]:
         self._check_open()
-        inbox, told, _ = self._inbox_keys(thread_id)
+        k = self._keys(thread_id)
         with mapped("pending"):
             async with self._client.pipeline(transaction=True) as pipe:
-                pipe.lrange(inbox, 0, -1)
-                pipe.hgetall(told)
+                pipe.lrange(k.inbox, 0, -1)
+                pipe.hgetall(k.told)
                 ids, envelopes = await pipe.execute()
         by_id = {_as_str(k): _as_bytes(v) for k, v in envelopes.items()}
         entries = []
@@ -679,15 +688,15 @@ class RedisSnapshotStore(Reentrant):
 
     async def dequeue(self, thread_id: str, message_id: str) -> bool:
         self._check_open()
-        inbox, told, _ = self._inbox_keys(thread_id)
+        k = self._keys(thread_id)
         with mapped("dequeue"):
-            return bool(await self._eval(self._dequeue_script, (inbox, told), (message_id,)))
+            return bool(await self._eval(self._dequeue_script, (k.inbox, k.told), (message_id,)))
 
     async def dead_letter(self, thread_id: str, message_id: str, reason: str) -> bool:
         self._check_open()
-        inbox, told, dead = self._inbox_keys(thread_id)
+        k = self._keys(thread_id)
         with mapped("dead_letter"):
-            envelope = await self._client.hget(told, message_id)
+            envelope = await self._client.hget(k.told, message_id)
             if envelope is None:
                 return False
             letter = DeadLetter(
@@ -695,7 +704,7 @@ class RedisSnapshotStore(Reentrant):
             )
             moved = await self._eval(
                 self._dequeue_script,
-                (inbox, told, dead),
+                (k.inbox, k.told, k.dead),
                 (message_id, _dead_encoder.encode(letter)),
             )
         return bool(moved)
@@ -703,7 +712,7 @@ class RedisSnapshotStore(Reentrant):
     async def dead_letters(self, thread_id: str) -> list[DeadLetter]:
         self._check_open()
         with mapped("dead_letters"):
-            raw = await self._client.hvals(self._inbox_keys(thread_id)[2])
+            raw = await self._client.hvals(self._keys(thread_id).dead)
         letters = []
         for value in raw:
             try:
@@ -725,8 +734,9 @@ class RedisSnapshotStore(Reentrant):
                 chunk = candidates[i : i + _INDEX_CHUNK]
                 async with self._client.pipeline(transaction=False) as pipe:
                     for thread_id in chunk:
-                        pipe.hget(self._keys(thread_id)[0], "turn")
-                        pipe.llen(self._inbox_keys(thread_id)[0])
+                        k = self._keys(thread_id)
+                        pipe.hget(k.head, "turn")
+                        pipe.llen(k.inbox)
                     replies = await pipe.execute()
                 for j, thread_id in enumerate(chunk):
                     turn, queued = replies[2 * j], int(replies[2 * j + 1])
@@ -848,17 +858,15 @@ class RedisSnapshotStore(Reentrant):
 
     def _call(self, r: _Request) -> _Call | FencedError:
         """The script call of a request (as ``_send`` pipelines it), or why it is refused."""
+        k = self._keys(r.thread_id)
         if isinstance(r, EnqueueRequest):
-            inbox, told, _ = self._inbox_keys(r.thread_id)
-            return _Call(self._enqueue_script, (inbox, told), (r.message_id, r.envelope))
-        head, steps, full = self._keys(r.thread_id)
-        lease, token, partition = self._fence(r.thread_id)
+            return _Call(self._enqueue_script, (k.inbox, k.told), (r.message_id, r.envelope))
+        token = self._token(k.partition)
         if token is None:
             what = "activation" if isinstance(r, AcquireRequest) else "commit"
-            return _lease_lost(r.thread_id, partition, what)
+            return _lease_lost(r.thread_id, k.partition, what)
         if isinstance(r, AcquireRequest):
-            return _Call(self._acquire_script, (head, lease), (token,))
-        inbox, told, _ = self._inbox_keys(r.thread_id)
+            return _Call(self._acquire_script, (k.head, k.lease), (token,))
         args: tuple[bytes | int | str, ...] = (
             r.expected_version,
             r.epoch,
@@ -869,8 +877,9 @@ class RedisSnapshotStore(Reentrant):
         )
         if r.full is not None:
             args = (*args, r.full, "1" if r.keep_full else "0")
-        fulls = self._fulls_key(r.thread_id)
-        return _Call(self._commit_script, (head, steps, full, inbox, told, lease, fulls), args)
+        return _Call(
+            self._commit_script, (k.head, k.steps, k.full, k.inbox, k.told, k.lease, k.fulls), args
+        )
 
     async def _flush_cluster(self, client: RedisCluster, batch: Sequence[_Request]) -> list[object]:
         replies: list[Any] = [None] * len(batch)
