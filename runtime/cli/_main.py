@@ -22,7 +22,6 @@ from typing import Any, NoReturn, TextIO
 import anyio
 import httpx
 from anyio.from_thread import BlockingPortal
-from redis.asyncio.cluster import RedisCluster
 
 from threadline.actors import (
     AIMessage,
@@ -372,13 +371,11 @@ async def _migrate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> i
     """Move a prefix's threads from key layout format 1 to format 2 (workers stopped)."""
     if args.partitions is not None and args.partitions < 1:
         raise UsageError(f"--partitions must be at least 1, got {args.partitions}")
-    async with contextlib.AsyncExitStack() as stack:
-        client: Any
-        if args.cluster:
-            client = RedisCluster.from_url(args.redis)
-            stack.push_async_callback(client.aclose)
-        else:
-            client = await stack.enter_async_context(open_redis(args.redis, "threadline migrate"))
+    url = args.redis
+    if args.cluster and "+cluster://" not in url:  # the same as a redis+cluster:// URL
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}+cluster://{rest}"
+    async with open_redis(url, "threadline migrate") as client:
         try:
             report = await migrate_layout(
                 client,
